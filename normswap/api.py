@@ -1,0 +1,68 @@
+"""The programmatic API: plan, convert, apply_plan."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .apply import apply_plan as _apply
+from .apply import batchnorm_left
+from .checks import count_parameters, output_drift
+from .planner import build_plan
+from .recipes import Recipe, load_recipe
+from .tracing import as_input_tuple, default_example_inputs, discover, qualname
+from .types import Conversion, Facts, Plan, Report
+
+RecipeSpec = str | Path | Recipe | Mapping[str, Any]
+
+
+def plan(model: nn.Module, recipe: RecipeSpec = "auto", example_inputs: Any = None, **facts: Any) -> Plan:
+    """What ``convert`` would do to each normalization site, with the reason; nothing is changed.
+
+    ``facts`` are what the rules match on: ``batch_size`` (per device), ``sequence``, ``purpose``
+    (train / finetune / inference) and ``task``.
+    """
+    chosen = load_recipe(recipe)
+    fact_values = Facts.from_kwargs(facts)
+    return build_plan(qualname(model), discover(model, example_inputs), chosen, fact_values)
+
+
+def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
+    """Apply a plan (from :func:`plan`, or ``Plan.from_json``) to a model of the same architecture."""
+    return _apply(model, plan, inplace=inplace).model
+
+
+def convert(model: nn.Module, recipe: RecipeSpec = "auto", example_inputs: Any = None, inplace: bool = False,
+            validate: bool = True, **facts: Any) -> Conversion:
+    """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
+
+    With ``validate`` (default) the report holds the eval-mode output drift between the original and
+    the converted model on ``example_inputs``.
+    """
+    started = time.perf_counter()
+    inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    before = count_parameters(model)
+    the_plan = plan(model, recipe, inputs, **facts)
+    planned = time.perf_counter()
+    original = model
+    if inplace and validate:
+        import copy
+
+        original = copy.deepcopy(model)
+    applied = _apply(model, the_plan, inplace=inplace)
+    applied_at = time.perf_counter()
+    drift = output_drift(original, applied.model, inputs) if validate else None
+    validated = time.perf_counter()
+    after = count_parameters(applied.model)
+    report = Report(
+        model_cls=the_plan.model_cls, recipe=the_plan.recipe, facts=the_plan.facts, plan_summary=the_plan.summary(),
+        swaps=tuple(applied.swaps), warnings=tuple(applied.warnings),
+        timings={"plan_s": planned - started, "apply_s": applied_at - planned, "validate_s": validated - applied_at},
+        params_before=before[0], params_after=after[0], buffers_before=before[1], buffers_after=after[1],
+        batchnorm_left=tuple(batchnorm_left(applied.model)), drift=drift,
+    )
+    return Conversion(model=applied.model, plan=the_plan, report=report)

@@ -1,0 +1,192 @@
+"""Carrying out a plan: preflight every entry, then swap, so a failure leaves nothing half-done.
+
+Module sites are swapped through their parent (at every path a shared module is reachable by), so
+state_dict keys stay stable and the model keeps its class and methods. Functional ``batch_norm``
+calls are not modules: only they force a graph rewrite, and then the result is a GraphModule.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import PlanError
+from .targets import get_target
+from .tracing import (is_functional_batch_norm, model_state_guard, module_aliases, qualname, resolve_attr,
+                      trace_graph)
+from .transfer import NormState
+from .types import Plan, PlanEntry, SwapRecord
+
+RUNNING_STAT_NAMES = ("running_mean", "running_var")
+
+
+@dataclass
+class Applied:
+    model: nn.Module
+    swaps: list[SwapRecord]
+    warnings: list[str]
+
+
+def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
+    """Apply ``plan`` to ``model`` (a copy unless ``inplace``); weights are transferred as planned."""
+    target_model = model if inplace else copy.deepcopy(model)
+    _check_fits(target_model, plan)
+    graph = _trace_for_rewrite(target_model) if plan.needs_graph() else None
+    staged = _stage(target_model, plan, graph)
+    for path, module in staged.modules.items():
+        _swap_module(target_model, path, module)
+    warnings = []
+    if graph is not None:
+        target_model = _rewrite_functional(target_model, graph, staged.functional)
+        warnings.append("functional batch_norm calls were rewritten, so the result is a torch.fx GraphModule: "
+                        "methods of the original class are gone and control flow is fixed as traced "
+                        f"({'train' if model.training else 'eval'} mode).")
+    if plan.trace != "fx":
+        warnings.append(f"the model did not trace ({plan.trace_error}); module sites were learned from forward "
+                        "hooks and functional batch_norm calls, if any, could not be seen.")
+    check_result(target_model, plan)
+    return Applied(target_model, staged.records, warnings)
+
+
+@dataclass
+class _Staged:
+    modules: dict[str, nn.Module]
+    functional: dict[str, tuple[str, nn.Module]]
+    records: list[SwapRecord]
+
+
+def _check_fits(model: nn.Module, plan: Plan) -> None:
+    """A plan made for another architecture fails here, with every mismatch named."""
+    problems = []
+    for e in plan.entries:
+        site = e.site
+        if site.kind != "module":
+            continue
+        try:
+            m = model.get_submodule(site.path)
+        except AttributeError:
+            problems.append(f"{site.path}: no such module")
+            continue
+        if qualname(m) != site.cls:
+            problems.append(f"{site.path}: is {qualname(m)}, plan expects {site.cls}")
+        elif getattr(m, "num_features", None) != site.num_features:
+            problems.append(f"{site.path}: has {getattr(m, 'num_features', None)} features, plan expects {site.num_features}")
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise PlanError(f"the plan (made for {plan.model_cls}) does not fit this {qualname(model)}: "
+                        f"{'; '.join(problems[:8])}{more}. Apply it to a fresh instance of the same architecture.")
+
+
+def _trace_for_rewrite(model: nn.Module) -> fx.Graph:
+    # Traced in the model's own mode: the GraphModule keeps whatever training-dependent branch it took.
+    with model_state_guard(model, eval_mode=False):
+        try:
+            return trace_graph(model)
+        except Exception as exc:
+            raise PlanError(f"the plan converts functional batch_norm calls, which needs a torch.fx trace, but "
+                            f"{qualname(model)} did not trace: {type(exc).__name__}: {exc}") from exc
+
+
+def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None) -> _Staged:
+    """Build every replacement before anything is swapped."""
+    staged = _Staged({}, {}, [])
+    nodes = {n.name: n for n in graph.nodes} if graph is not None else {}
+    for entry in plan.conversions:
+        site = entry.site
+        if site.kind == "module":
+            old = model.get_submodule(site.path)
+            state = NormState.from_module(old)
+        else:
+            node = nodes.get(site.node or "")
+            if node is None or not is_functional_batch_norm(node):
+                raise PlanError(f"{site.path}: functional batch_norm node {site.node!r} is not in this model's graph; "
+                                f"the plan does not fit this model.")
+            old = None
+            state = NormState.from_functional(model, node, site.num_features, model.training)
+        built = _build(model, entry, state)
+        for path, module in built.items():
+            if path in staged.modules or any(path == p for p, _ in staged.functional.values()):
+                raise PlanError(f"{path} would be replaced twice (by {site.path} and an earlier entry).")
+            if site.kind == "functional" and path == site.path:
+                staged.functional[site.node or ""] = (path, module)
+            else:
+                staged.modules[path] = module
+        new = built[site.path]
+        staged.records.append(SwapRecord(
+            path=site.path, old_cls=site.cls if old is None else qualname(old), new_cls=qualname(new),
+            target=entry.target or "", transfer=str(entry.options.get("transfer", "")), replaced=tuple(built)))
+    return staged
+
+
+def _build(model: nn.Module, entry: PlanEntry, state: NormState) -> dict[str, nn.Module]:
+    try:
+        return get_target(entry.target or "").build(model, entry.site, state, entry.options)
+    except PlanError:
+        raise
+    except Exception as exc:
+        raise PlanError(f"{entry.site.path}: building target {entry.target!r} with options {dict(entry.options)} "
+                        f"failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    old = model.get_submodule(path)
+    for alias in module_aliases(model).get(id(old), [path]):
+        parent_path, _, name = alias.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, new)
+
+
+def _rewrite_functional(model: nn.Module, graph: fx.Graph, functional: dict[str, tuple[str, nn.Module]]) -> fx.GraphModule:
+    for node_name, (path, module) in functional.items():
+        node = next(n for n in graph.nodes if n.name == node_name)
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if hasattr(owner, name):
+            raise PlanError(f"cannot add the replacement for {path}: {owner_path or 'the model'} already has {name!r}.")
+        owner.add_module(name, module)
+        with graph.inserting_before(node):
+            new_node = graph.call_module(path, (node.args[0] if node.args else node.kwargs["input"],))
+        node.replace_all_uses_with(new_node)
+        graph.erase_node(node)
+    _drop_dead_state(model, graph)
+    graph.lint()
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def _drop_dead_state(model: nn.Module, graph: fx.Graph) -> None:
+    """get_attr nodes the rewritten calls no longer use go, with the tensors they pointed at, so no
+    running statistics linger (what the dp recipe promises)."""
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            target = str(node.target)
+            graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == target for n in graph.nodes):
+                owner_path, _, name = target.rpartition(".")
+                owner = model.get_submodule(owner_path) if owner_path else model
+                if name in owner._buffers or name in owner._parameters:
+                    delattr(owner, name)
+
+
+def batchnorm_left(model: nn.Module) -> list[str]:
+    """Paths of BatchNorm modules, and functional batch_norm nodes of a GraphModule, still present."""
+    left = [p for p, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    if isinstance(model, fx.GraphModule):
+        left += [n.name for n in model.graph.nodes if is_functional_batch_norm(n)]
+    return left
+
+
+def running_stats_left(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] in RUNNING_STAT_NAMES]
+
+
+def check_result(model: nn.Module, plan: Plan) -> None:
+    """Verify what the recipe promised on the model itself, not on the plan."""
+    if "no-batchnorm" in plan.ensure and (left := batchnorm_left(model)):
+        raise PlanError(f"recipe {plan.recipe!r} ensures no-batchnorm, yet BatchNorm remains at: {', '.join(left[:10])}.")
+    if "no-running-stats" in plan.ensure and (left := running_stats_left(model)):
+        raise PlanError(f"recipe {plan.recipe!r} ensures no-running-stats, yet running statistics remain at: "
+                        f"{', '.join(left[:10])}.")

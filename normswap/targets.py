@@ -1,0 +1,342 @@
+"""What a BatchNorm site can become: a registry of named targets users can extend.
+
+A target does two things. ``resolve`` checks that it applies to a site and fills in every option
+(groups, transfer, …), so a plan entry is complete and replays the same way on a fresh model; it raises
+:class:`NotApplicable` with the reason when it does not apply, and the rule's ``fallback`` decides what
+happens then. ``build`` makes the replacement modules from the site's numbers. timm norm+activation
+modules keep their activation and drop layer.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import PlanError, RecipeError, unknown_name
+from .layers import ChannelLayerNorm, FrozenBatchNorm
+from .transfer import (TRANSFERS, NormState, affine_copy, fold_into, foldable_out_channels,
+                       resolve_transfer, transferred_affine)
+from .types import Site
+
+
+class NotApplicable(Exception):
+    """A target does not apply to a site; the message is the reason shown in the plan."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One target option: its type, default and (optionally) the allowed values."""
+
+    kind: type | tuple[type, ...]
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] | None = None
+
+    def check(self, value: Any, where: str) -> Any:
+        if isinstance(value, bool) and self.kind is int:
+            raise RecipeError(f"{where}: expected an integer, got {value!r}.")
+        if value is not None and not isinstance(value, self.kind):
+            names = self.kind.__name__ if isinstance(self.kind, type) else "/".join(k.__name__ for k in self.kind)
+            raise RecipeError(f"{where}: expected {names}, got {type(value).__name__} {value!r}.")
+        if self.choices is not None and value not in self.choices:
+            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(repr, self.choices))}.")
+        return value
+
+
+_TRANSFER_OPTION = Option(str, "auto", "affine | statistics | none; auto = statistics where running "
+                          "statistics exist, else affine", TRANSFERS)
+
+
+class Target(abc.ABC):
+    """A replacement for BatchNorm sites. Subclass, then :func:`register_target` an instance."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    removes_batchnorm: ClassVar[bool] = True
+    keeps_running_stats: ClassVar[bool] = False
+    options: ClassVar[Mapping[str, Option]] = {}
+
+    def check_options(self, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Validate option names and types (recipe load time); returns them with defaults filled."""
+        for key in options:
+            if key not in self.options:
+                raise unknown_name(f"option of target {self.name!r}", key, self.options, where)
+        return {k: spec.check(options.get(k, spec.default), f"{where}.{k}") for k, spec in self.options.items()}
+
+    @abc.abstractmethod
+    def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Complete options for this site, or raise NotApplicable."""
+
+    @abc.abstractmethod
+    def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
+        """Replacement modules by path (the site's own path, and for folding the producer's)."""
+
+
+def finish(module: nn.Module, state: NormState) -> nn.Module:
+    """Put a new module on the old one's device and dtype, mode and trainability."""
+    module.to(device=state.device, dtype=state.dtype)
+    for p in module.parameters(recurse=False):
+        p.requires_grad_(state.requires_grad)
+    return module.train(state.training)
+
+
+def set_affine(module: nn.Module, values: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    if values is None or getattr(module, "weight", None) is None:
+        return
+    with torch.no_grad():
+        module.weight.copy_(values[0])
+        module.bias.copy_(values[1])
+
+
+def with_activation(norm: nn.Module, state: NormState) -> nn.Module:
+    """timm norm+act modules: reuse the original activation and drop layer objects."""
+    if state.act is not None:
+        norm.act = state.act
+    if state.drop is not None:
+        norm.drop = state.drop
+    return norm
+
+
+def activation_only(state: NormState) -> nn.Module:
+    """What remains of a norm+act module once the norm is gone (folded or removed)."""
+    parts = [m for m in (state.drop, state.act) if m is not None and not isinstance(m, nn.Identity)]
+    if not parts:
+        return nn.Identity()
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+
+
+class _GroupStatNorm(Target):
+    """Targets that normalize by per-sample statistics over groups of channels."""
+
+    options: ClassVar[Mapping[str, Option]] = {"transfer": _TRANSFER_OPTION}
+
+    def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        self.check_layout(site)
+        transfer = resolve_transfer(options.get("transfer", "auto"), site.has_running_stats)
+        if transfer == "statistics" and not site.has_running_stats:
+            raise NotApplicable("transfer 'statistics' needs running statistics and this site has none")
+        # The statistics-aware transfer needs an affine to carry its correction.
+        return {"transfer": transfer, "affine": site.affine or transfer == "statistics"} | self.extra(site, options)
+
+    def check_layout(self, site: Site) -> None:
+        if site.num_features < 1:
+            raise NotApplicable("the number of channels is unknown")
+
+    def extra(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def groups(self, site: Site, options: Mapping[str, Any]) -> int:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        """The bare new norm module (activation handled by the caller)."""
+
+    def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
+        module = finish(self.make(site, state, options), state)
+        set_affine(module, transferred_affine(state, options["transfer"], self.groups(site, options), state.eps))
+        return {site.path: with_activation(module, state)}
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return next(d for d in range(min(n, max(limit, 1)), 0, -1) if n % d == 0)
+
+
+class GroupNormTarget(_GroupStatNorm):
+    name = "groupnorm"
+    description = "GroupNorm (Wu & He 2018): groups of channels per sample; 32 groups by default"
+    options = {
+        "groups": Option(int, 32, "number of groups (Wu & He: 32 best)"),
+        "channels_per_group": Option((int, type(None)), None, "channels per group instead of groups"),
+        "adjust": Option(str, "largest-divisor", "when groups do not divide C: largest-divisor | error",
+                         ("largest-divisor", "error")),
+        "transfer": _TRANSFER_OPTION,
+    }
+
+    def extra(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        c = site.num_features
+        per = options.get("channels_per_group")
+        if (per is not None and per < 1) or options.get("groups", 32) < 1:
+            raise PlanError(f"{site.path}: groups and channels_per_group must be positive integers.")
+        wanted = max(c // per, 1) if per else options.get("groups", 32)
+        divides = (c % per == 0) if per else (c % wanted == 0)
+        if divides:
+            return {"groups": wanted}
+        if options.get("adjust", "largest-divisor") == "error":
+            what = f"channels_per_group={per}" if per else f"groups={wanted}"
+            valid = [d for d in range(1, min(c, 64) + 1) if c % d == 0]
+            raise NotApplicable(f"{what} does not divide {c} channels (divisors up to 64: {valid})")
+        return {"groups": largest_divisor_at_most(c, max(wanted, 1))}
+
+    def groups(self, site: Site, options: Mapping[str, Any]) -> int:
+        return int(options["groups"])
+
+    def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        if state.act is not None:
+            from timm.layers import GroupNormAct
+
+            return GroupNormAct(site.num_features, int(options["groups"]), eps=state.eps,
+                                affine=options["affine"], apply_act=False)
+        return nn.GroupNorm(int(options["groups"]), site.num_features, eps=state.eps, affine=options["affine"])
+
+
+class LayerNormTarget(_GroupStatNorm):
+    name = "layernorm"
+    description = "LayerNorm over C at each position: per token/step for sequences, per pixel for images"
+
+    def groups(self, site: Site, options: Mapping[str, Any]) -> int:
+        return 1
+
+    def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        c, affine = site.num_features, options["affine"]
+        if state.act is not None:
+            from timm.layers import LayerNormAct2d
+
+            return LayerNormAct2d(c, eps=state.eps, affine=affine, apply_act=False)
+        if site.layout == "features":
+            return nn.LayerNorm(c, eps=state.eps, elementwise_affine=affine)
+        return ChannelLayerNorm(c, eps=state.eps, affine=affine)
+
+
+class LayerNormCHWTarget(_GroupStatNorm):
+    name = "layernorm-chw"
+    description = "LayerNorm over C×H×W (all of a sample): GroupNorm with one group"
+
+    def groups(self, site: Site, options: Mapping[str, Any]) -> int:
+        return 1
+
+    def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        if state.act is not None:
+            from timm.layers import GroupNorm1Act
+
+            return GroupNorm1Act(site.num_features, eps=state.eps, affine=options["affine"], apply_act=False)
+        return nn.GroupNorm(1, site.num_features, eps=state.eps, affine=options["affine"])
+
+
+_INSTANCE_NORMS: dict[str, type[nn.Module]] = {"sequence": nn.InstanceNorm1d, "image": nn.InstanceNorm2d,
+                                               "volume": nn.InstanceNorm3d}
+
+
+class InstanceNormTarget(_GroupStatNorm):
+    name = "instancenorm"
+    description = "InstanceNorm with affine: each channel of each sample over its positions (style transfer, GANs)"
+
+    def check_layout(self, site: Site) -> None:
+        if site.layout not in _INSTANCE_NORMS:
+            raise NotApplicable(f"instancenorm needs positions to normalize over; layout is {site.layout}")
+
+    def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        resolved = super().resolve(site, options)
+        return resolved | {"affine": True}
+
+    def groups(self, site: Site, options: Mapping[str, Any]) -> int:
+        return site.num_features
+
+    def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        if state.act is not None:
+            from timm.layers import GroupNormAct  # GroupNorm with C groups is InstanceNorm with affine
+
+            return GroupNormAct(site.num_features, site.num_features, eps=state.eps, affine=True, apply_act=False)
+        return _INSTANCE_NORMS[site.layout](site.num_features, eps=state.eps, affine=True)
+
+
+class FrozenTarget(Target):
+    name = "frozen"
+    description = "FrozenBatchNorm: running statistics and affine fixed; eval-mode BN in every mode"
+    keeps_running_stats = True
+
+    def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        if not site.has_running_stats:
+            raise NotApplicable("no running statistics to freeze")
+        return {"transfer": "exact"}
+
+    def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
+        assert state.running_mean is not None and state.running_var is not None
+        if state.act is not None and site.layout in ("image", "unknown"):
+            from timm.layers import FrozenBatchNormAct2d
+
+            module: nn.Module = FrozenBatchNormAct2d(site.num_features, eps=state.eps, apply_act=False)
+        else:
+            module = FrozenBatchNorm(site.num_features, eps=state.eps)
+        module.to(device=state.device, dtype=state.dtype).train(state.training)
+        weight, bias = affine_copy(state)
+        with torch.no_grad():
+            for name, value in (("weight", weight), ("bias", bias), ("running_mean", state.running_mean),
+                                ("running_var", state.running_var)):
+                getattr(module, name).copy_(value)
+        if state.act is not None and not isinstance(module, FrozenBatchNorm):
+            return {site.path: with_activation(module, state)}
+        return {site.path: module if state.act is None else nn.Sequential(module, activation_only(state))}
+
+
+class FoldTarget(Target):
+    name = "fold"
+    description = "fold into the producing conv/linear for inference (exact); BatchNorm disappears"
+
+    def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        if site.kind != "module":
+            raise NotApplicable("only module sites are folded")
+        if not site.has_running_stats:
+            raise NotApplicable("no running statistics to fold")
+        if site.producer is None or site.producer_cls is None or ":" in site.producer:
+            raise NotApplicable(f"producer is {site.producer or 'unknown'}, not a module normswap can fold into")
+        if not site.producer_exclusive:
+            raise NotApplicable(f"producer {site.producer} is shared or feeds other nodes too")
+        if site.producer_cls == "Linear" and site.layout != "features":
+            raise NotApplicable("a Linear folds only into BatchNorm over N×C features")
+        return {"producer": site.producer, "transfer": "fold"}
+
+    def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
+        from .tracing import resolve_attr
+
+        producer = resolve_attr(model, options["producer"])
+        channels = foldable_out_channels(producer)
+        if channels != site.num_features:
+            raise PlanError(f"{site.path}: cannot fold into {options['producer']} ({type(producer).__name__}, "
+                            f"{channels} output channels) — it needs a conv/linear with {site.num_features}.")
+        return {options["producer"]: fold_into(producer, state), site.path: activation_only(state)}
+
+
+class IdentityTarget(Target):
+    name = "identity"
+    description = "remove the norm (its activation, if any, stays)"
+
+    def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {"transfer": "none"}
+
+    def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
+        return {site.path: activation_only(state)}
+
+
+_REGISTRY: dict[str, Target] = {}
+
+
+def register_target(target: Target, *, overwrite: bool = False) -> Target:
+    """Make ``target`` usable by name in recipes and the API."""
+    if not isinstance(target, Target):
+        raise TypeError(f"register_target expects a Target instance, got {type(target).__name__}.")
+    if target.name in _REGISTRY and not overwrite:
+        raise PlanError(f"target {target.name!r} is already registered; pass overwrite=True to replace it.")
+    _REGISTRY[target.name] = target
+    return target
+
+
+def get_target(name: str, where: str = "") -> Target:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise unknown_name("target", name, _REGISTRY, where) from None
+
+
+def list_targets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+for _t in (GroupNormTarget(), LayerNormTarget(), LayerNormCHWTarget(), InstanceNormTarget(), FrozenTarget(),
+           FoldTarget(), IdentityTarget()):
+    register_target(_t)

@@ -1,0 +1,383 @@
+"""Learning each site's context: a timm-aware fx trace for structure, one forward pass for shapes.
+
+The trace gives the graph (producer, consumers, functional ``batch_norm`` calls); forward pre-hooks on
+every BatchNorm module give input shape, dtype, memory format and call count, also for modules that
+sit inside leaf modules the tracer does not enter. When the model will not trace, the hooks alone
+still give every module site its shapes, and the plan says which sites were learned which way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .errors import TraceError
+from .types import LAYOUT_BY_NDIM, OtherNorm, Site
+
+FUNCTIONAL_BATCH_NORMS: tuple[Callable[..., Any], ...] = (F.batch_norm, torch.batch_norm)
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+_OTHER_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+
+def qualname(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _timm_leaves() -> tuple[list[type[nn.Module]], list[Any]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # timm is a dependency, but tracing plain torch models must not need it
+        return [], []
+    return list(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
+
+
+class NormswapTracer(fx.Tracer):
+    """fx tracer that keeps every BatchNorm (and timm's registered no-trace modules) as a leaf, and
+    wraps timm's no-trace functions, so ``BatchNormAct2d`` stays one call_module node instead of
+    dissolving into a functional call."""
+
+    def __init__(self) -> None:
+        leaves, functions = _timm_leaves()
+        super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
+        self._leaf_types = tuple(leaves)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _BatchNorm) or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@contextmanager
+def model_state_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+    """Put the model in eval mode (for discovery) and afterwards restore every module's mode and every
+    plain attribute it had, so nothing of the trace stays behind.
+
+    Tracing levit or efficientformer writes fx Proxy objects into their ``attention_bias_cache``
+    dicts, after which ``torch.save(model)`` fails; an eval forward fills the same caches with real
+    tensors. Both are undone here.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    snapshots = []
+    for m in model.modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
+        dicts = {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}
+        snapshots.append((m, attrs, dicts))
+    try:
+        if eval_mode:
+            model.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for m, attrs, dicts in snapshots:
+            for key in [k for k in m.__dict__ if k not in _MODULE_INTERNALS and k not in attrs]:
+                del m.__dict__[key]
+            for key, value in attrs.items():
+                if m.__dict__.get(key) is not value:
+                    m.__dict__[key] = value
+            for key, content in dicts.items():
+                current = m.__dict__[key]
+                if current.keys() != content.keys() or any(current[k] is not v for k, v in content.items()):
+                    current.clear()
+                    current.update(content)
+
+
+def trace_graph(model: nn.Module) -> fx.Graph:
+    """Trace with :class:`NormswapTracer`. The caller guards the model's state."""
+    return NormswapTracer().trace(model)
+
+
+def is_functional_batch_norm(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in FUNCTIONAL_BATCH_NORMS
+
+
+def functional_arguments(node: fx.Node) -> dict[str, Any]:
+    """F.batch_norm's arguments by name (torch.batch_norm shares the leading positional order)."""
+    if node.target is torch.batch_norm:
+        names = ["input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"]
+        return dict(zip(names, node.args)) | dict(node.kwargs)
+    bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def functional_owner(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return next(reversed(stack.values()))[0]
+
+
+def functional_site_path(node: fx.Node) -> str:
+    owner = functional_owner(node)
+    return f"{owner}.{node.name}" if owner else node.name
+
+
+def resolve_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """A seeded batch-1 input from timm's ``pretrained_cfg['input_size']``, in the model's dtype and
+    device. Models without that config need ``example_inputs``."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        raise TraceError(
+            f"{type(model).__name__} has no timm pretrained_cfg['input_size'], so normswap cannot guess "
+            f"an input. Pass example_inputs=torch.randn(1, C, H, W) (API) or --input-size C,H,W (CLI).")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn((1, *size), generator=generator).to(device=device, dtype=dtype),)
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TraceError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}.")
+
+
+def _memory_format(x: torch.Tensor) -> str:
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return "contiguous"
+
+
+@dataclass
+class _Observed:
+    """What one forward pass saw at a site."""
+
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    memory_format: str | None = None
+    calls: int = 0
+
+    def record(self, x: Any) -> None:
+        self.calls += 1
+        if self.shape is None and isinstance(x, torch.Tensor):
+            self.shape = tuple(x.shape)
+            self.dtype = str(x.dtype).replace("torch.", "")
+            self.memory_format = _memory_format(x)
+
+
+class _FunctionalRecorder(fx.Interpreter):
+    """Runs the traced graph and records the input of each functional batch_norm node."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: set[str]) -> None:
+        super().__init__(gm)
+        self.watch = nodes
+        self.seen: dict[str, _Observed] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name in self.watch:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self.seen.setdefault(n.name, _Observed()).record(args[0])
+        return super().run_node(n)
+
+
+@dataclass
+class Discovery:
+    """Everything discovery learned: sites, other norms, the graph (when it traced)."""
+
+    sites: list[Site]
+    other_norms: list[OtherNorm]
+    graph: fx.Graph | None
+    trace_error: str | None
+    input_shapes: tuple[tuple[int, ...], ...] = field(default_factory=tuple)
+
+    @property
+    def trace(self) -> str:
+        return "fx" if self.graph is not None else "eager"
+
+
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every path under which each module object is reachable (a shared module has several)."""
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    return paths
+
+
+def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
+    """Find every BatchNorm site in ``model`` and learn its context. The model is left as it was."""
+    inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    aliases = module_aliases(model)
+    bn_modules = [(p, m) for p, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    observed: dict[int, _Observed] = {id(m): _Observed() for _, m in bn_modules}
+    with model_state_guard(model):
+        graph, trace_error = None, None
+        try:
+            graph = trace_graph(model)
+        except Exception as exc:  # any tracing failure means: fall back to eager hooks
+            trace_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        handles = [m.register_forward_pre_hook(_recording_hook(observed[id(m)])) for _, m in bn_modules]
+        try:
+            functional_seen = _run_forward(model, graph, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    node_index = _module_nodes(graph)
+    sites = [_module_site(path, m, observed[id(m)], node_index, aliases[id(m)], model)
+             for path, m in bn_modules]
+    if graph is not None:
+        sites += [_functional_site(n, functional_seen.get(n.name, _Observed()), model, node_index)
+                  for n in graph.nodes if is_functional_batch_norm(n)]
+    others = [OtherNorm(p, qualname(m)) for p, m in model.named_modules()
+              if _is_other_norm(m)]
+    shapes = tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor))
+    return Discovery(sites, others, graph, trace_error, shapes)
+
+
+def _is_other_norm(m: nn.Module) -> bool:
+    if isinstance(m, _BatchNorm):
+        return False
+    return isinstance(m, _OTHER_NORM_TYPES) or "Norm" in type(m).__name__
+
+
+def _recording_hook(obs: _Observed) -> Callable[..., None]:
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        obs.record(args[0] if args else None)
+
+    return hook
+
+
+def _run_forward(model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any]) -> dict[str, _Observed]:
+    """One forward pass, eval mode, no grad. Through the graph only when functional sites need shapes."""
+    functional = {n.name for n in graph.nodes if is_functional_batch_norm(n)} if graph is not None else set()
+    shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+    try:
+        with torch.no_grad():
+            if functional:
+                recorder = _FunctionalRecorder(fx.GraphModule(model, graph), functional)
+                recorder.run(*inputs)
+                return recorder.seen
+            model(*inputs)
+            return {}
+    except Exception as exc:
+        raise TraceError(
+            f"{type(model).__name__} failed on example inputs of shape {shapes}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Give inputs the model accepts: "
+            f"example_inputs=... (API) or --input-size C,H,W (CLI).") from exc
+
+
+def _module_nodes(graph: fx.Graph | None) -> dict[str, list[fx.Node]]:
+    index: dict[str, list[fx.Node]] = {}
+    if graph is not None:
+        for n in graph.nodes:
+            if n.op == "call_module":
+                index.setdefault(str(n.target), []).append(n)
+    return index
+
+
+def describe_node(node: fx.Node, model: nn.Module) -> tuple[str, str | None]:
+    """A node as 'what it is' plus the class or function name behind it."""
+    if node.op == "call_module":
+        return str(node.target), type(resolve_attr(model, str(node.target))).__name__
+    if node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"{node.op}:{name}", name
+    return f"{node.op}:{node.target}", None
+
+
+def _structure(nodes: list[fx.Node], model: nn.Module,
+               module_nodes: dict[str, list[fx.Node]]) -> tuple[str | None, str | None, bool, tuple[str, ...]]:
+    """Producer, producer class, whether the producer is called once and feeds only this site, consumers."""
+    if not nodes:
+        return None, None, False, ()
+    first = nodes[0]
+    source = first.args[0] if first.args else None
+    producer, producer_cls, exclusive = None, None, False
+    if isinstance(source, fx.Node):
+        producer, producer_cls = describe_node(source, model)
+        called_once = source.op != "call_module" or len(module_nodes.get(str(source.target), [])) == 1
+        exclusive = len(nodes) == 1 and len(source.users) == 1 and called_once
+    consumers = tuple(dict.fromkeys(describe_node(u, model)[0] for n in nodes for u in n.users))
+    return producer, producer_cls, exclusive, consumers
+
+
+def _layout(shape: tuple[int, ...] | None, module: nn.Module | None) -> tuple[str, bool]:
+    if shape is not None:
+        return LAYOUT_BY_NDIM.get(len(shape), "unknown"), False
+    by_class = {nn.BatchNorm2d: "image", nn.BatchNorm3d: "volume", nn.BatchNorm1d: "features"}
+    for cls, layout in by_class.items():
+        if isinstance(module, cls):
+            return layout, True
+    return "unknown", True
+
+
+def _module_site(path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]],
+                 paths: list[str], model: nn.Module) -> Site:
+    nodes = module_nodes.get(path, [])
+    producer, producer_cls, exclusive, consumers = _structure(nodes, model, module_nodes)
+    layout, inferred = _layout(obs.shape, m)
+    learned = "fx" if nodes else ("eager" if obs.calls else "none")
+    dtype = obs.dtype or (str(m.weight.dtype).replace("torch.", "") if m.weight is not None else "float32")
+    return Site(
+        path=path, kind="module", cls=qualname(m), num_features=_num_features(m),
+        affine=bool(m.affine), track_running_stats=bool(m.track_running_stats),
+        has_running_stats=m.running_mean is not None and m.running_var is not None,
+        eps=float(m.eps), momentum=m.momentum, has_act=isinstance(getattr(m, "act", None), nn.Module),
+        input_shape=obs.shape, layout=layout, layout_inferred=inferred, memory_format=obs.memory_format,
+        dtype=dtype, producer=producer, producer_cls=producer_cls, producer_exclusive=exclusive,
+        consumers=consumers, call_count=obs.calls, learned_by=learned, aliases=tuple(p for p in paths if p != path),
+        mro=tuple(qualname(c) for c in type(m).__mro__ if issubclass(c, _BatchNorm)),
+    )
+
+
+def _num_features(m: _BatchNorm) -> int:
+    if m.num_features:
+        return int(m.num_features)
+    raise TraceError(f"lazy BatchNorm {qualname(m)} has no num_features yet; run one forward pass first.")
+
+
+def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module,
+                     module_nodes: dict[str, list[fx.Node]]) -> Site:
+    args = functional_arguments(node)
+    tensors = {k: _attr_tensor(model, args.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
+    known = [t for t in tensors.values() if t is not None]
+    if known:
+        channels = int(known[0].numel())
+    elif obs.shape is not None and len(obs.shape) > 1:
+        channels = int(obs.shape[1])
+    else:
+        channels = 0
+    producer, producer_cls, exclusive, consumers = _structure([node], model, module_nodes)
+    layout, inferred = _layout(obs.shape, None)
+    return Site(
+        path=functional_site_path(node), kind="functional", cls=f"{F.batch_norm.__module__}.batch_norm",
+        num_features=channels, affine=args.get("weight") is not None,
+        track_running_stats=args.get("running_mean") is not None, has_running_stats=tensors["running_mean"] is not None
+        and tensors["running_var"] is not None, eps=float(args.get("eps", 1e-5)), momentum=args.get("momentum"),
+        has_act=False, input_shape=obs.shape, layout=layout, layout_inferred=inferred,
+        memory_format=obs.memory_format, dtype=obs.dtype or "float32", producer=producer,
+        producer_cls=producer_cls, producer_exclusive=exclusive, consumers=consumers, call_count=obs.calls,
+        learned_by="fx", node=node.name,
+    )
+
+
+def _attr_tensor(model: nn.Module, arg: Any) -> torch.Tensor | None:
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = resolve_attr(model, str(arg.target))
+        return value if isinstance(value, torch.Tensor) else None
+    return None

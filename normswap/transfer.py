@@ -1,0 +1,180 @@
+"""Parameter transfer from a BatchNorm site to its replacement.
+
+Three transfers exist: ``affine`` copies gamma/beta per channel; ``statistics`` (the default where
+running statistics exist) also uses them so the new layer's expected output equals BatchNorm's;
+``none`` starts fresh (what Opacus does). Folding into the producing conv/linear lives here too, since
+it is the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .tracing import functional_arguments, resolve_attr
+
+TRANSFERS = ("auto", "statistics", "affine", "none")
+
+
+@dataclass(frozen=True)
+class NormState:
+    """A BatchNorm site's numbers, whether it is a module or a functional call."""
+
+    num_features: int
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    eps: float
+    training: bool
+    requires_grad: bool
+    device: torch.device
+    dtype: torch.dtype
+    act: nn.Module | None = None
+    drop: nn.Module | None = None
+
+    @property
+    def has_running_stats(self) -> bool:
+        return self.running_mean is not None and self.running_var is not None
+
+    @classmethod
+    def from_module(cls, m: _BatchNorm) -> NormState:
+        ref = next((t for t in (m.weight, m.running_mean) if t is not None), None)
+        act = getattr(m, "act", None)
+        drop = getattr(m, "drop", None)
+        return cls(
+            num_features=int(m.num_features), weight=_data(m.weight), bias=_data(m.bias),
+            running_mean=_data(m.running_mean), running_var=_data(m.running_var), eps=float(m.eps),
+            training=m.training, requires_grad=bool(m.weight is not None and m.weight.requires_grad),
+            device=ref.device if ref is not None else torch.device("cpu"),
+            dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32,
+            act=act if isinstance(act, nn.Module) else None, drop=drop if isinstance(drop, nn.Module) else None,
+        )
+
+    @classmethod
+    def from_functional(cls, model: nn.Module, node: fx.Node, num_features: int, training: bool) -> NormState:
+        args = functional_arguments(node)
+        tensors = {k: _attr(model, args.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
+        ref = next((t for t in tensors.values() if t is not None), None)
+        weight = tensors["weight"]
+        return cls(
+            num_features=num_features, weight=_data(weight), bias=_data(tensors["bias"]),
+            running_mean=_data(tensors["running_mean"]), running_var=_data(tensors["running_var"]),
+            eps=float(args.get("eps", 1e-5)), training=training,
+            requires_grad=bool(weight is not None and weight.requires_grad),
+            device=ref.device if ref is not None else torch.device("cpu"),
+            dtype=ref.dtype if ref is not None else torch.float32,
+        )
+
+
+def _data(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _attr(model: nn.Module, arg: object) -> torch.Tensor | None:
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = resolve_attr(model, str(arg.target))
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def resolve_transfer(requested: str, has_running_stats: bool) -> str:
+    if requested == "auto":
+        return "statistics" if has_running_stats else "affine"
+    return requested
+
+
+def affine_copy(state: NormState) -> tuple[torch.Tensor, torch.Tensor]:
+    """gamma and beta as they are (ones/zeros where BatchNorm had no affine)."""
+    ones = torch.ones(state.num_features, device=state.device, dtype=state.dtype)
+    weight = state.weight if state.weight is not None else ones
+    bias = state.bias if state.bias is not None else torch.zeros_like(ones)
+    return weight.clone(), bias.clone()
+
+
+def statistics_aware_affine(state: NormState, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Affine for a group-statistics norm (GroupNorm, LayerNorm, InstanceNorm) whose expected output
+    equals the eval-mode BatchNorm's.
+
+    BatchNorm in eval computes, per channel :math:`c`,
+    :math:`y = \gamma_c (x - \mu_c)/s_c + \beta_c` with :math:`s_c = \sqrt{\sigma_c^2 + \epsilon}` from
+    the running statistics. Treat the running statistics as the distribution of :math:`x_c`. A norm
+    over a group :math:`g` of channels (and positions) subtracts the group mean and divides by the group
+    standard deviation; for inputs from that distribution their expectations are the mixture moments
+
+    .. math:: m_g = \frac{1}{|g|}\sum_{c \in g}\mu_c, \qquad
+              v_g = \frac{1}{|g|}\sum_{c \in g}(\sigma_c^2 + \mu_c^2) - m_g^2 .
+
+    The new layer computes :math:`y' = \gamma'_c (x - m_g)/t_g + \beta'_c` with
+    :math:`t_g = \sqrt{v_g + \epsilon'}`. Both are affine in :math:`x`; equating slope and intercept gives
+
+    .. math:: \gamma'_c = \gamma_c\, t_g / s_c, \qquad \beta'_c = \beta_c + \gamma_c (m_g - \mu_c)/s_c ,
+
+    so :math:`y' = y` whenever a sample's group moments equal their expectations. With one channel per
+    group (InstanceNorm) :math:`m_g = \mu_c` and :math:`v_g = \sigma_c^2`, and it reduces to the affine copy:
+    the running variance mixes between-sample and within-sample spread, which the statistics cannot
+    separate. Computed in float64, returned in the layer's dtype.
+    """
+    assert state.running_mean is not None and state.running_var is not None  # resolve_transfer guarantees
+    c = state.num_features
+    gamma, beta = (t.double() for t in affine_copy(state))
+    mu = state.running_mean.double()
+    var = state.running_var.double().clamp_min(0)
+    s_c = (var + state.eps).sqrt()
+    per = c // groups
+    m_g = mu.view(groups, per).mean(1)
+    v_g = ((var + mu * mu).view(groups, per).mean(1) - m_g * m_g).clamp_min(0)
+    t_g = (v_g + eps).sqrt().repeat_interleave(per)
+    m_c = m_g.repeat_interleave(per)
+    weight = gamma * t_g / s_c
+    bias = beta + gamma * (m_c - mu) / s_c
+    return weight.to(state.dtype), bias.to(state.dtype)
+
+
+def transferred_affine(state: NormState, transfer: str, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The new layer's (weight, bias) for a resolved transfer; None leaves the fresh initialisation."""
+    if transfer == "statistics":
+        return statistics_aware_affine(state, groups, eps)
+    if transfer == "affine":
+        return affine_copy(state)
+    return None
+
+
+def fold_into(producer: nn.Module, state: NormState) -> nn.Module:
+    """A copy of ``producer`` (Conv1d/2d/3d, Linear, or ConvTranspose with one group) with the
+    eval-mode BatchNorm that follows it folded in: ``W' = W·γ/s``, ``b' = (b − μ)·γ/s + β``. Computed in
+    float64 so the fold is exact to fp32 rounding; the weight keeps its memory format."""
+    assert state.running_mean is not None and state.running_var is not None  # the fold target checks
+    import copy
+
+    fused = copy.deepcopy(producer)
+    gamma, beta = (t.double() for t in affine_copy(state))
+    scale = gamma / (state.running_var.double() + state.eps).sqrt()
+    out_dim = 1 if isinstance(producer, nn.modules.conv._ConvTransposeNd) else 0
+    shape = [1] * producer.weight.ndim
+    shape[out_dim] = -1
+    weight = producer.weight.detach().double() * scale.view(shape)
+    old_bias = producer.bias.detach().double() if producer.bias is not None else torch.zeros_like(scale)
+    bias = (old_bias - state.running_mean.double()) * scale + beta
+    with torch.no_grad():
+        fused.weight.copy_(weight.to(producer.weight.dtype))
+        if fused.bias is None:
+            fused.bias = nn.Parameter(torch.empty_like(bias, dtype=producer.weight.dtype),
+                                      requires_grad=producer.weight.requires_grad)
+        fused.bias.copy_(bias.to(producer.weight.dtype))
+    return fused
+
+
+def foldable_out_channels(producer: nn.Module) -> int | None:
+    """Output channels of a producer normswap can fold into, else None."""
+    if isinstance(producer, nn.modules.conv._ConvTransposeNd):
+        return producer.out_channels if producer.groups == 1 else None
+    if isinstance(producer, nn.modules.conv._ConvNd):
+        return producer.out_channels
+    if isinstance(producer, nn.Linear):
+        return producer.out_features
+    return None

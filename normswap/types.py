@@ -1,0 +1,278 @@
+"""The data that crosses module boundaries: sites, facts, plan entries, plans, reports.
+
+All of it is frozen and JSON-serialisable, so a plan can be printed, saved, diffed and replayed onto a
+fresh instance of the same architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import PlanError, UnknownNameError, unknown_name
+
+PLAN_SCHEMA_VERSION = 1
+
+Layout = Literal["features", "sequence", "image", "volume", "unknown"]
+LAYOUTS: tuple[str, ...] = ("features", "sequence", "image", "volume", "unknown")
+LAYOUT_BY_NDIM = {2: "features", 3: "sequence", 4: "image", 5: "volume"}
+
+PURPOSES = ("train", "finetune", "inference")
+TASKS = ("classification", "detection", "segmentation", "style-transfer", "gan", "video", "other")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the user tells about how the model will be used; recipes match on these."""
+
+    batch_size: int | None = None
+    sequence: bool | None = None
+    purpose: str | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise PlanError(f"fact batch_size must be a positive integer, got {self.batch_size!r}.")
+        if self.sequence is not None and not isinstance(self.sequence, bool):
+            raise PlanError(f"fact sequence must be true or false, got {self.sequence!r}.")
+        if self.purpose is not None and self.purpose not in PURPOSES:
+            raise unknown_name("purpose", str(self.purpose), PURPOSES, "facts")
+        if self.task is not None and self.task not in TASKS:
+            raise unknown_name("task", str(self.task), TASKS, "facts")
+
+    @classmethod
+    def from_kwargs(cls, facts: Mapping[str, Any]) -> Facts:
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in facts:
+            if key not in valid:
+                raise unknown_name("fact", key, valid, "keyword arguments")
+        return cls(**{k: v for k, v in facts.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One normalization site and the context it runs in.
+
+    ``path`` is the qualified module path (shared by the fx graph, ``named_modules()`` and the
+    state_dict). For a functional ``batch_norm`` call it is ``<owner module path>.<fx node name>``.
+    """
+
+    path: str
+    kind: Literal["module", "functional"]
+    cls: str
+    num_features: int
+    affine: bool
+    track_running_stats: bool
+    has_running_stats: bool
+    eps: float
+    momentum: float | None
+    has_act: bool
+    input_shape: tuple[int, ...] | None
+    layout: str
+    layout_inferred: bool
+    memory_format: str | None
+    dtype: str
+    producer: str | None
+    producer_cls: str | None
+    producer_exclusive: bool
+    consumers: tuple[str, ...]
+    call_count: int
+    learned_by: Literal["fx", "eager", "none"]
+    node: str | None = None
+    aliases: tuple[str, ...] = ()
+    mro: tuple[str, ...] = ()
+
+    @property
+    def short_cls(self) -> str:
+        return self.cls.rsplit(".", 1)[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Site:
+        values = dict(data)
+        values["input_shape"] = tuple(values["input_shape"]) if values.get("input_shape") is not None else None
+        values["consumers"] = tuple(values.get("consumers", ()))
+        values["aliases"] = tuple(values.get("aliases", ()))
+        values["mro"] = tuple(values.get("mro", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class OtherNorm:
+    """A normalization layer that is not a BatchNorm: listed so a plan shows the whole picture."""
+
+    path: str
+    cls: str
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """What happens to one site: the rule that matched, the action, and fully resolved options."""
+
+    site: Site
+    rule: str | None
+    action: Literal["convert", "keep"]
+    target: str | None
+    options: Mapping[str, Any]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site.to_dict(), "rule": self.rule, "action": self.action,
+                "target": self.target, "options": dict(self.options), "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanEntry:
+        return cls(site=Site.from_dict(data["site"]), rule=data.get("rule"), action=data["action"],
+                   target=data.get("target"), options=dict(data.get("options", {})), reason=data.get("reason", ""))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One entry per site, plus what a reader needs to trust it: how context was learned, which
+    rules matched nothing, and the other norm layers present."""
+
+    model_cls: str
+    recipe: str
+    facts: Facts
+    entries: tuple[PlanEntry, ...]
+    other_norms: tuple[OtherNorm, ...] = ()
+    unmatched_rules: tuple[str, ...] = ()
+    ensure: tuple[str, ...] = ()
+    trace: str = "fx"
+    trace_error: str | None = None
+    example_input_shapes: tuple[tuple[int, ...], ...] = ()
+    schema_version: int = PLAN_SCHEMA_VERSION
+
+    @property
+    def conversions(self) -> tuple[PlanEntry, ...]:
+        return tuple(e for e in self.entries if e.action == "convert")
+
+    def entry(self, path: str) -> PlanEntry:
+        for e in self.entries:
+            if e.site.path == path:
+                return e
+        raise unknown_name("site", path, [e.site.path for e in self.entries], "plan")
+
+    def needs_graph(self) -> bool:
+        return any(e.site.kind == "functional" for e in self.conversions)
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for e in self.entries:
+            key = e.target if e.action == "convert" and e.target else "keep"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model_cls": self.model_cls,
+            "recipe": self.recipe,
+            "facts": self.facts.to_dict(),
+            "trace": self.trace,
+            "trace_error": self.trace_error,
+            "example_input_shapes": [list(s) for s in self.example_input_shapes],
+            "ensure": list(self.ensure),
+            "unmatched_rules": list(self.unmatched_rules),
+            "other_norms": [dataclasses.asdict(o) for o in self.other_norms],
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        version = data.get("schema_version")
+        if version != PLAN_SCHEMA_VERSION:
+            raise PlanError(f"plan schema version {version!r} is not supported (this normswap reads "
+                            f"version {PLAN_SCHEMA_VERSION}); re-create the plan with this version.")
+        try:
+            return cls(
+                model_cls=data["model_cls"],
+                recipe=data["recipe"],
+                facts=Facts(**data.get("facts", {})),
+                entries=tuple(PlanEntry.from_dict(e) for e in data["entries"]),
+                other_norms=tuple(OtherNorm(**o) for o in data.get("other_norms", [])),
+                unmatched_rules=tuple(data.get("unmatched_rules", [])),
+                ensure=tuple(data.get("ensure", [])),
+                trace=data.get("trace", "fx"),
+                trace_error=data.get("trace_error"),
+                example_input_shapes=tuple(tuple(s) for s in data.get("example_input_shapes", [])),
+            )
+        except (KeyError, TypeError) as exc:
+            if isinstance(exc, UnknownNameError):
+                raise
+            raise PlanError(f"plan data is malformed ({type(exc).__name__}: {exc}); was it written by "
+                            f"normswap.save or Plan.to_json?") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def __str__(self) -> str:
+        from .render import plan_text
+
+        return plan_text(self)
+
+
+@dataclass(frozen=True)
+class SwapRecord:
+    """What was done at one site when the plan was applied."""
+
+    path: str
+    old_cls: str
+    new_cls: str
+    target: str
+    transfer: str
+    replaced: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a conversion did and how it changed the model; rendered by ``normswap.render``."""
+
+    model_cls: str
+    recipe: str
+    facts: Facts
+    plan_summary: Mapping[str, int]
+    swaps: tuple[SwapRecord, ...]
+    warnings: tuple[str, ...]
+    timings: Mapping[str, float]
+    params_before: int
+    params_after: int
+    buffers_before: int
+    buffers_after: int
+    batchnorm_left: tuple[str, ...]
+    drift: Mapping[str, Any] | None = None
+    schema_version: int = 1
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["facts"] = self.facts.to_dict()
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The result of :func:`normswap.convert`."""
+
+    model: Any
+    plan: Plan
+    report: Report
