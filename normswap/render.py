@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from .types import Plan, Report
 
 
-def plan_table(plan: Plan, max_rows: int | None = None) -> Table:
+def plan_table(plan: Plan, max_rows: int | None = None, wide: bool = True) -> Table:
+    """One row per site. ``wide`` adds the match reason; the narrow form fits 80 columns."""
     table = Table(title=f"normswap plan: {plan.model_cls.rsplit('.', 1)[-1]} · recipe {plan.recipe}",
-                  show_lines=False, expand=False)
-    for column in ("site", "class", "input", "layout", "by", "action", "rule / reason"):
+                  box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
+    columns = ("site", "class", "input (layout, by)", "action", "rule", "reason") if wide else (
+        "site", "class", "input", "action")
+    for column in columns:
         table.add_column(column, overflow="fold")
     entries = plan.entries if max_rows is None else plan.entries[:max_rows]
     for e in entries:
@@ -23,8 +27,11 @@ def plan_table(plan: Plan, max_rows: int | None = None) -> Table:
             action += " " + ",".join(f"{k}={v}" for k, v in opts.items())
         if e.action == "convert":
             action += f" [{e.options.get('transfer', '')}]"
-        table.add_row(s.path, s.short_cls, shape, s.layout + ("?" if s.layout_inferred else ""), s.learned_by,
-                      action, f"{e.rule or '-'}: {e.reason}")
+        if wide:
+            where = f"{shape} ({s.layout}{'?' if s.layout_inferred else ''}, {s.learned_by})"
+            table.add_row(s.path, s.short_cls, where, action, e.rule or "-", e.reason)
+        else:
+            table.add_row(s.path, s.short_cls, shape, action)
     if max_rows is not None and len(plan.entries) > max_rows:
         table.caption = f"… {len(plan.entries) - max_rows} more sites"
     return table
@@ -56,7 +63,7 @@ def plan_text(plan: Plan, width: int = 140) -> str:
 
 def print_plan(plan: Plan, console: Console | None = None, max_rows: int | None = None) -> None:
     console = console or Console()
-    console.print(plan_table(plan, max_rows))
+    console.print(plan_table(plan, max_rows, wide=console.width >= 120))
     for line in plan_footer(plan):
         console.print(line, highlight=False)
 

@@ -9,6 +9,7 @@ still give every module site its shapes, and the plan says which sites were lear
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ FUNCTIONAL_BATCH_NORMS: tuple[Callable[..., Any], ...] = (F.batch_norm, torch.ba
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 _OTHER_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
+# Norm layers from other libraries (timm RmsNorm, torchvision FrozenBatchNorm2d); not wrappers such as
+# levit's ConvNorm, which merely contain a norm.
+_OTHER_NORM_NAME = re.compile(r"^(Group|Layer|Instance|Rms|RMS|Frozen\w*Batch|Batch\w*Renorm)Norm")
 
 
 def qualname(obj: Any) -> str:
@@ -221,6 +225,7 @@ def module_aliases(model: nn.Module) -> dict[int, list[str]]:
 
 def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
     """Find every BatchNorm site in ``model`` and learn its context. The model is left as it was."""
+    _refuse_uninitialized(model)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     aliases = module_aliases(model)
     bn_modules = [(p, m) for p, m in model.named_modules() if isinstance(m, _BatchNorm)]
@@ -249,10 +254,19 @@ def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
     return Discovery(sites, others, graph, trace_error, shapes)
 
 
+def _refuse_uninitialized(model: nn.Module) -> None:
+    """A forward pass would materialise lazy modules (and change their class) on the user's model."""
+    lazy = [p for p, m in model.named_modules()
+            if any(nn.parameter.is_lazy(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))]
+    if lazy:
+        raise TraceError(f"{len(lazy)} lazy module(s) are not initialised yet ({', '.join(lazy[:5])}); normswap will not "
+                         f"initialise them on your model. Run one forward pass first: model(example_input).")
+
+
 def _is_other_norm(m: nn.Module) -> bool:
     if isinstance(m, _BatchNorm):
         return False
-    return isinstance(m, _OTHER_NORM_TYPES) or "Norm" in type(m).__name__
+    return isinstance(m, _OTHER_NORM_TYPES) or _OTHER_NORM_NAME.search(type(m).__name__) is not None
 
 
 def _recording_hook(obs: _Observed) -> Callable[..., None]:
@@ -346,9 +360,7 @@ def _module_site(path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[st
 
 
 def _num_features(m: _BatchNorm) -> int:
-    if m.num_features:
-        return int(m.num_features)
-    raise TraceError(f"lazy BatchNorm {qualname(m)} has no num_features yet; run one forward pass first.")
+    return int(m.num_features)
 
 
 def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module,
