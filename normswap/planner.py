@@ -49,18 +49,20 @@ def _apply_rule(site: Site, rule: Rule, why: str, recipe: Recipe) -> PlanEntry:
         return _convert(site, rule, rule.target, rule.options, why)
     except NotApplicable as exc:
         reason = str(exc)
+    refused = [f"{rule.target} ({reason})"]
+    for fallback in rule.fallback:
+        if fallback == KEEP:
+            return PlanEntry(site, rule.name, "keep", None, {}, f"{why}; not applicable: {'; '.join(refused)}")
+        if fallback == ERROR:
+            break
+        try:
+            return _convert(site, rule, fallback, rule.fallback_options.get(fallback, {}),
+                            f"{why}; fallback, not applicable: {'; '.join(refused)}")
+        except NotApplicable as exc:
+            refused.append(f"{fallback} ({exc})")
     where = f"rule {rule.name!r} of recipe {recipe.name!r} ({recipe.source})"
-    if rule.fallback == ERROR:
-        raise PlanError(f"{site.path}: {where} picks {rule.target!r}, which does not apply: {reason}. Give the "
-                        f"rule a fallback (fallback = \"keep\" or another target) or exclude this path.")
-    if rule.fallback == KEEP:
-        return PlanEntry(site, rule.name, "keep", None, {}, f"{why}; {rule.target} does not apply: {reason}")
-    try:
-        return _convert(site, rule, rule.fallback, rule.fallback_options,
-                        f"{why}; fallback from {rule.target} ({reason})")
-    except NotApplicable as exc:
-        raise PlanError(f"{site.path}: {where}: neither {rule.target!r} ({reason}) nor its fallback "
-                        f"{rule.fallback!r} ({exc}) applies. Exclude this path or choose another fallback.") from None
+    raise PlanError(f"{site.path}: {where}: no target applies: {'; '.join(refused)}. Give the rule a fallback "
+                    f"(fallback = [\"frozen\", \"keep\"], say) or exclude this path.")
 
 
 def _convert(site: Site, rule: Rule, target_name: str, options: Mapping[str, Any], why: str) -> PlanEntry:

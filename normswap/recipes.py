@@ -12,7 +12,7 @@ A recipe file looks like::
     match = { layouts = ["image", "volume"] }
     target = "groupnorm"
     options = { groups = 32 }
-    fallback = "layernorm-chw"
+    fallback = ["layernorm-chw", "keep"]
 
 Every key is checked: an unknown key, a wrong type or an unknown target fails with the file, the key
 path and the valid choices.
@@ -147,15 +147,17 @@ def _path_matches(path: str, pattern: str) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
-    """When ``match`` holds, convert to ``target`` (or ``keep``); ``fallback`` (a target, ``keep`` or
-    ``error``) decides what happens where the target does not apply."""
+    """When ``match`` holds, convert to ``target`` (or ``keep``). Where the target does not apply, the
+    ``fallback`` targets are tried in order; ``keep`` keeps the site, ``error`` (the default, and the
+    implied end of every chain) stops the plan with the reason. ``fallback_options`` holds options per
+    fallback target name."""
 
     name: str
     match: Match = field(default_factory=Match)
     target: str = KEEP
     options: Mapping[str, Any] = field(default_factory=dict)
-    fallback: str = ERROR
-    fallback_options: Mapping[str, Any] = field(default_factory=dict)
+    fallback: tuple[str, ...] = (ERROR,)
+    fallback_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,9 @@ class Recipe:
             "recipe": {"name": self.name, "description": self.description, "when": self.when,
                        "ensure": list(self.ensure)},
             "rules": [{"name": r.name, "match": match_dict(r.match), "target": r.target,
-                       "options": dict(r.options), "fallback": r.fallback,
-                       "fallback_options": dict(r.fallback_options)} for r in self.rules],
+                       "options": dict(r.options), "fallback": list(r.fallback),
+                       "fallback_options": {k: dict(v) for k, v in r.fallback_options.items()}}
+                      for r in self.rules],
         }
 
     @classmethod
@@ -271,10 +274,26 @@ def _parse_rule(raw: Any, index: int, source: str) -> Rule:
         raise RecipeError(f"{source}: {where}.name must be a string.")
     target = table.get("target", KEEP)
     options = _parse_target(target, table.get("options"), f"{where}.target", source, (KEEP,))
-    fallback = table.get("fallback", ERROR)
-    fallback_options = _parse_target(fallback, table.get("fallback_options"), f"{where}.fallback", source, (KEEP, ERROR))
+    fallback, fallback_options = _parse_fallback(table, where, source)
     return Rule(name=name, match=_parse_match(table.get("match", {}), f"{where}.match", source), target=target,
                 options=options, fallback=fallback, fallback_options=fallback_options)
+
+
+def _parse_fallback(table: Mapping[str, Any], where: str, source: str) -> tuple[tuple[str, ...], dict[str, Any]]:
+    raw = table.get("fallback", ERROR)
+    chain = (raw,) if isinstance(raw, str) else raw
+    if not isinstance(chain, (list, tuple)) or not chain or not all(isinstance(t, str) for t in chain):
+        raise RecipeError(f"{source}: {where}.fallback must be a target name or a list of them, got {raw!r}.")
+    options = table.get("fallback_options", {})
+    _check_keys(options, [t for t in chain if t not in (KEEP, ERROR)], f"{where}.fallback_options", source)
+    resolved = {}
+    for i, name in enumerate(chain):
+        opts = _parse_target(name, options.get(name), f"{where}.fallback[{i}]", source, (KEEP, ERROR))
+        if opts:
+            resolved[name] = opts
+        if name in (KEEP, ERROR) and i != len(chain) - 1:
+            raise RecipeError(f"{source}: {where}.fallback: {name!r} ends a chain; nothing may follow it.")
+    return tuple(chain), resolved
 
 
 def _parse_recipe(data: Mapping[str, Any], source: str) -> Recipe:

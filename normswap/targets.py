@@ -283,8 +283,9 @@ class FoldTarget(Target):
             raise NotApplicable("only module sites are folded")
         if not site.has_running_stats:
             raise NotApplicable("no running statistics to fold")
-        if site.producer is None or site.producer_cls is None or ":" in site.producer:
-            raise NotApplicable(f"producer is {site.producer or 'unknown'}, not a module normswap can fold into")
+        if site.producer is None or not site.producer_foldable:
+            what = f"{site.producer} ({site.producer_cls})" if site.producer else "unknown"
+            raise NotApplicable(f"producer {what} is not a conv/linear with {site.num_features} outputs to fold into")
         if not site.producer_exclusive:
             raise NotApplicable(f"producer {site.producer} is shared or feeds other nodes too")
         if site.producer_cls == "Linear" and site.layout != "features":

@@ -314,20 +314,32 @@ def describe_node(node: fx.Node, model: nn.Module) -> tuple[str, str | None]:
     return f"{node.op}:{node.target}", None
 
 
-def _structure(nodes: list[fx.Node], model: nn.Module,
-               module_nodes: dict[str, list[fx.Node]]) -> tuple[str | None, str | None, bool, tuple[str, ...]]:
-    """Producer, producer class, whether the producer is called once and feeds only this site, consumers."""
+@dataclass(frozen=True)
+class _Structure:
+    producer: str | None = None
+    producer_cls: str | None = None
+    exclusive: bool = False
+    foldable_channels: int | None = None
+    consumers: tuple[str, ...] = ()
+
+
+def _structure(nodes: list[fx.Node], model: nn.Module, module_nodes: dict[str, list[fx.Node]]) -> _Structure:
+    """Producer, its class, whether it is called once and feeds only this site, the channels it could
+    take a folded BatchNorm for, and the consumers."""
+    from .transfer import foldable_out_channels
+
     if not nodes:
-        return None, None, False, ()
+        return _Structure()
     first = nodes[0]
     source = first.args[0] if first.args else None
-    producer, producer_cls, exclusive = None, None, False
-    if isinstance(source, fx.Node):
-        producer, producer_cls = describe_node(source, model)
-        called_once = source.op != "call_module" or len(module_nodes.get(str(source.target), [])) == 1
-        exclusive = len(nodes) == 1 and len(source.users) == 1 and called_once
     consumers = tuple(dict.fromkeys(describe_node(u, model)[0] for n in nodes for u in n.users))
-    return producer, producer_cls, exclusive, consumers
+    if not isinstance(source, fx.Node):
+        return _Structure(consumers=consumers)
+    producer, producer_cls = describe_node(source, model)
+    called_once = source.op != "call_module" or len(module_nodes.get(str(source.target), [])) == 1
+    exclusive = len(nodes) == 1 and len(source.users) == 1 and called_once
+    channels = foldable_out_channels(resolve_attr(model, str(source.target))) if source.op == "call_module" else None
+    return _Structure(producer, producer_cls, exclusive, channels, consumers)
 
 
 def _layout(shape: tuple[int, ...] | None, module: nn.Module | None) -> tuple[str, bool]:
@@ -343,7 +355,7 @@ def _layout(shape: tuple[int, ...] | None, module: nn.Module | None) -> tuple[st
 def _module_site(path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]],
                  paths: list[str], model: nn.Module) -> Site:
     nodes = module_nodes.get(path, [])
-    producer, producer_cls, exclusive, consumers = _structure(nodes, model, module_nodes)
+    st = _structure(nodes, model, module_nodes)
     layout, inferred = _layout(obs.shape, m)
     learned = "fx" if nodes else ("eager" if obs.calls else "none")
     dtype = obs.dtype or (str(m.weight.dtype).replace("torch.", "") if m.weight is not None else "float32")
@@ -353,8 +365,8 @@ def _module_site(path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[st
         has_running_stats=m.running_mean is not None and m.running_var is not None,
         eps=float(m.eps), momentum=m.momentum, has_act=isinstance(getattr(m, "act", None), nn.Module),
         input_shape=obs.shape, layout=layout, layout_inferred=inferred, memory_format=obs.memory_format,
-        dtype=dtype, producer=producer, producer_cls=producer_cls, producer_exclusive=exclusive,
-        consumers=consumers, call_count=obs.calls, learned_by=learned, aliases=tuple(p for p in paths if p != path),
+        dtype=dtype, producer=st.producer, producer_cls=st.producer_cls, producer_exclusive=st.exclusive,
+        producer_foldable=st.foldable_channels == m.num_features, consumers=st.consumers, call_count=obs.calls, learned_by=learned, aliases=tuple(p for p in paths if p != path),
         mro=tuple(qualname(c) for c in type(m).__mro__ if issubclass(c, _BatchNorm)),
     )
 
@@ -374,7 +386,7 @@ def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module,
         channels = int(obs.shape[1])
     else:
         channels = 0
-    producer, producer_cls, exclusive, consumers = _structure([node], model, module_nodes)
+    st = _structure([node], model, module_nodes)
     layout, inferred = _layout(obs.shape, None)
     return Site(
         path=functional_site_path(node), kind="functional", cls=f"{F.batch_norm.__module__}.batch_norm",
@@ -382,8 +394,9 @@ def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module,
         track_running_stats=args.get("running_mean") is not None, has_running_stats=tensors["running_mean"] is not None
         and tensors["running_var"] is not None, eps=float(args.get("eps", 1e-5)), momentum=args.get("momentum"),
         has_act=False, input_shape=obs.shape, layout=layout, layout_inferred=inferred,
-        memory_format=obs.memory_format, dtype=obs.dtype or "float32", producer=producer,
-        producer_cls=producer_cls, producer_exclusive=exclusive, consumers=consumers, call_count=obs.calls,
+        memory_format=obs.memory_format, dtype=obs.dtype or "float32", producer=st.producer,
+        producer_cls=st.producer_cls, producer_exclusive=st.exclusive,
+        producer_foldable=st.foldable_channels == channels, consumers=st.consumers, call_count=obs.calls,
         learned_by="fx", node=node.name,
     )
 

@@ -169,12 +169,25 @@ def fold_into(producer: nn.Module, state: NormState) -> nn.Module:
     return fused
 
 
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _known_linear_in_weight() -> tuple[type[nn.Module], ...]:
+    """Conv subclasses whose forward uses ``self.weight`` and ``self.bias`` linearly, so folding into
+    them is exact. Others (timm's StdConv2d re-standardizes its weight) are not folded into."""
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:
+        return ()
+    return (Conv2dSame,)
+
+
 def foldable_out_channels(producer: nn.Module) -> int | None:
-    """Output channels of a producer normswap can fold into, else None."""
+    """Output channels of a producer normswap can fold into exactly, else None."""
+    if type(producer) not in _FOLDABLE and type(producer) not in _known_linear_in_weight():
+        return None
     if isinstance(producer, nn.modules.conv._ConvTransposeNd):
         return producer.out_channels if producer.groups == 1 else None
     if isinstance(producer, nn.modules.conv._ConvNd):
         return producer.out_channels
-    if isinstance(producer, nn.Linear):
-        return producer.out_features
-    return None
+    return producer.out_features

@@ -81,6 +81,7 @@ class Site:
     producer: str | None
     producer_cls: str | None
     producer_exclusive: bool
+    producer_foldable: bool
     consumers: tuple[str, ...]
     call_count: int
     learned_by: Literal["fx", "eager", "none"]

@@ -48,7 +48,8 @@ def model_fingerprint(model: nn.Module) -> tuple[str, tuple[bool, ...], tuple[st
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / a.double().norm().clamp_min(1e-12))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / a.norm().clamp_min(1e-12))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,234 @@
+"""Hand-built edge cases: functional calls, sharing, sequences, BN variants, tracing failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import normswap
+from normswap.apply import batchnorm_left
+
+from .conftest import model_fingerprint, relative_error
+from .models import (FunctionalBN, SequenceBN, SharedBN, SharedConv, ThirtyChannels, Untraceable, Variants,
+                     trained_stats)
+
+
+def test_functional_batch_norm_is_found_and_rewritten():
+    torch.manual_seed(0)
+    model = FunctionalBN().eval()
+    x = torch.randn(4, 3, 8, 8)
+    plan = normswap.plan(model, "small-batch", x[:1])
+    [site] = [e.site for e in plan.entries]
+    assert site.kind == "functional" and site.input_shape == (1, 8, 8, 8) and site.layout == "image"
+    conversion = normswap.convert(model, "small-batch", x[:1])
+    assert isinstance(conversion.model, torch.fx.GraphModule)
+    assert batchnorm_left(conversion.model) == []
+    assert "running_mean" not in dict(conversion.model.named_buffers())
+    assert conversion.model(x).shape == model(x).shape
+    assert normswap.batch_dependence(conversion.model, x) < 1e-6
+    assert any("GraphModule" in w for w in conversion.report.warnings)
+
+
+def test_functional_fold_falls_back_and_stays_exact():
+    torch.manual_seed(0)
+    model = FunctionalBN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    conversion = normswap.convert(model, "fold", x[:1])
+    assert conversion.plan.entries[0].target == "frozen"
+    with torch.no_grad():
+        assert relative_error(model(x), conversion.model(x)) < 1e-6
+
+
+def test_shared_module_is_one_site_called_twice_and_replaced_everywhere():
+    model = trained_stats(SharedBN(), torch.randn(8, 3, 8, 8) * 0.1)  # keep the second call in range
+    x = torch.randn(2, 3, 8, 8)
+    plan = normswap.plan(model, "small-batch", x[:1])
+    [entry] = plan.entries
+    assert entry.site.call_count == 2 and entry.site.aliases == ("alias",)
+    assert not entry.site.producer_exclusive, "a module called twice cannot be folded"
+    converted = normswap.convert(model, "small-batch", x[:1]).model
+    assert converted.bn is converted.alias and isinstance(converted.bn, nn.GroupNorm)
+    assert normswap.batch_dependence(converted, x) < 1e-6
+
+
+def test_sequence_batchnorm1d_becomes_layernorm_at_each_step():
+    torch.manual_seed(0)
+    model = trained_stats(SequenceBN(), torch.randn(16, 4, 20))
+    x = torch.randn(3, 4, 20)
+    conversion = normswap.convert(model, "sequence", x[:1])
+    entry = conversion.plan.entries[0]
+    assert entry.site.layout == "sequence" and entry.target == "layernorm"
+    converted = conversion.model.train()
+    # Nothing shared across time: changing the future leaves earlier steps' norm output unchanged.
+    bn = converted.bn
+    h = converted.conv(x)
+    edited = h.clone()
+    edited[:, :, 10:] += 5 * torch.randn_like(edited[:, :, 10:])
+    assert torch.allclose(bn(h)[:, :, :10], bn(edited)[:, :, :10])
+    # Nothing shared across the batch either.
+    assert normswap.batch_dependence(converted, x) < 1e-6
+    # And each step is normalized over C: zero mean before the affine.
+    with torch.no_grad():
+        raw = (bn(h) - bn.bias[None, :, None]) / bn.weight[None, :, None]
+    assert raw.mean(1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("recipe", ["small-batch", "dp", "layernorm", "layernorm-chw", "detection"])
+def test_batchnorm_variants_convert(recipe):
+    torch.manual_seed(0)
+    model = Variants().eval()
+    x = torch.randn(4, 3, 8, 8)
+    conversion = normswap.convert(model, recipe, x[:1])
+    sites = {e.site.path: e for e in conversion.plan.entries}
+    assert sites["no_stats"].options["transfer"] == "affine"
+    assert sites["no_affine"].site.affine is False
+    assert sites["bn3d"].site.layout == "volume" and sites["bn1d"].site.layout == "features"
+    assert batchnorm_left(conversion.model) == []
+    assert conversion.model(x).shape == model(x).shape
+    assert normswap.batch_dependence(conversion.model, x) < 1e-5
+    if recipe == "dp":
+        assert not [n for n, _ in conversion.model.named_buffers() if "running" in n]
+
+
+def test_untraceable_model_converts_from_forward_hooks():
+    model = Untraceable().eval()
+    x = torch.randn(2, 3, 8, 8)
+    plan = normswap.plan(model, "small-batch", x[:1])
+    assert plan.trace == "eager" and "TraceError" in (plan.trace_error or "")
+    assert plan.entries[0].site.learned_by == "eager" and plan.entries[0].site.input_shape == (1, 8, 8, 8)
+    conversion = normswap.convert(model, "small-batch", x[:1])
+    assert batchnorm_left(conversion.model) == []
+    assert any("did not trace" in w for w in conversion.report.warnings)
+
+
+def test_batchnorm_inside_a_leaf_module_is_learned_by_hooks():
+    from timm.layers import register_notrace_module
+
+    @register_notrace_module
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Opaque()).eval()
+    plan = normswap.plan(model, "small-batch", torch.randn(1, 3, 4, 4))
+    [entry] = plan.entries
+    assert entry.site.path == "1.bn" and entry.site.learned_by == "eager" and entry.site.layout == "image"
+    assert batchnorm_left(normswap.convert(model, "small-batch", torch.randn(1, 3, 4, 4)).model) == []
+
+
+def test_fold_is_exact_on_conv_and_linear_and_refuses_a_shared_producer():
+    torch.manual_seed(0)
+    model = trained_stats(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                        nn.Linear(8 * 6 * 6, 5, bias=False), nn.BatchNorm1d(5)),
+                          torch.randn(16, 3, 8, 8))
+    x = torch.randn(4, 3, 8, 8)
+    conversion = normswap.convert(model, "fold", x[:1])
+    assert [e.target for e in conversion.plan.entries] == ["fold", "fold"]
+    assert not any(isinstance(m, (_BatchNorm, normswap.FrozenBatchNorm)) for m in conversion.model.modules())
+    with torch.no_grad():
+        assert relative_error(model(x), conversion.model(x)) <= 1e-6
+
+    shared = trained_stats(SharedConv(), torch.randn(8, 3, 8, 8))
+    entry = normswap.plan(shared, "fold", x[:1]).entries[0]
+    assert entry.target == "frozen" and "shared or feeds other nodes" in entry.reason
+
+
+def test_statistics_aware_transfer_matches_batchnorm_on_its_own_distribution():
+    """Inputs drawn from the running statistics: the statistics-aware GroupNorm reproduces the BN
+    output, the affine copy does not."""
+    torch.manual_seed(0)
+    c = 64
+    bn = nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(2 * torch.randn(c))
+        bn.running_var.copy_(0.2 + 3 * torch.rand(c))
+        bn.weight.copy_(1 + 0.3 * torch.randn(c))
+        bn.bias.copy_(0.3 * torch.randn(c))
+    x = bn.running_mean[None, :, None, None] + bn.running_var.sqrt()[None, :, None, None] * torch.randn(4, c, 32, 32)
+    model = nn.Sequential(bn)
+    errors = {}
+    for transfer in ("statistics", "affine"):
+        recipe = {"rules": [{"name": "gn", "target": "groupnorm", "options": {"groups": 8, "transfer": transfer}}]}
+        converted = normswap.convert(model, recipe, x[:1]).model
+        with torch.no_grad():
+            errors[transfer] = relative_error(bn(x), converted(x))
+    assert errors["statistics"] < 0.02
+    assert errors["affine"] > 10 * errors["statistics"]
+
+
+def test_groups_that_do_not_divide_are_adjusted_or_refused():
+    model = ThirtyChannels().eval()
+    x = torch.randn(1, 3, 4, 4)
+    entry = normswap.plan(model, "small-batch", x).entries[0]
+    assert entry.options["groups"] == 30  # largest divisor of 30 not above 32
+    strict = {"rules": [{"name": "strict", "target": "groupnorm", "options": {"groups": 32, "adjust": "error"}}]}
+    with pytest.raises(normswap.PlanError, match=r"bn: .*groups=32 does not divide 30 channels"):
+        normswap.plan(model, strict, x)
+
+
+def test_failed_conversion_leaves_the_model_untouched_also_inplace():
+    torch.manual_seed(0)
+    model = trained_stats(SharedConv(), torch.randn(8, 3, 8, 8))
+    before = model_fingerprint(model)
+    recipe = {"rules": [{"name": "fold-or-die", "target": "fold"}]}
+    for inplace in (False, True):
+        with pytest.raises(normswap.PlanError, match="fold-or-die"):
+            normswap.convert(model, recipe, torch.randn(1, 3, 8, 8), inplace=inplace)
+        assert model_fingerprint(model) == before
+
+
+def test_dtype_device_mode_and_requires_grad_are_preserved():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)).to(torch.bfloat16).train()
+    model[1].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.bfloat16)
+    converted = normswap.convert(model, "small-batch", x).model
+    gn = converted[1]
+    assert gn.weight.dtype == torch.bfloat16 and gn.training and not gn.weight.requires_grad
+    assert model.training and all(m.training for m in model.modules()), "discovery restores train mode"
+
+
+def test_channels_last_input_keeps_its_memory_format():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    for recipe in ("layernorm", "fold"):
+        conversion = normswap.convert(model, recipe, x)
+        assert conversion.plan.entries[0].site.memory_format == "channels_last"
+        out = conversion.model(x)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(model(x), normswap.convert(model, "fold", x).model(x)) < 1e-6
+
+
+def test_lazy_batchnorm_is_refused_until_initialised_and_then_converts():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LazyBatchNorm2d()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(normswap.TraceError, match="lazy"):
+        normswap.plan(model, "small-batch", x)
+    assert isinstance(model[1], nn.LazyBatchNorm2d), "normswap must not initialise the user's lazy modules"
+    model(x)
+    assert batchnorm_left(normswap.convert(model, "small-batch", x).model) == []
+
+
+def test_plan_for_another_architecture_is_refused_with_names():
+    plan = normswap.plan(SequenceBN().eval(), "sequence", torch.randn(1, 4, 10))
+    with pytest.raises(normswap.PlanError, match=r"bn: is torch.nn.modules.batchnorm.BatchNorm2d"):
+        normswap.apply_plan(ThirtyChannels(), plan)
+
+
+def test_plan_is_deterministic_and_prints():
+    model = Variants().eval()
+    x = torch.randn(1, 3, 8, 8)
+    first, second = (normswap.plan(model, "small-batch", x) for _ in range(2))
+    assert first.to_json() == second.to_json()
+    text = str(first)
+    assert "no_affine" in text and "groupnorm" in text
+    a = normswap.convert(model, "small-batch", x).model.state_dict()
+    b = normswap.convert(model, "small-batch", x).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
