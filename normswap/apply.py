@@ -37,8 +37,9 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
     _check_fits(target_model, plan)
     graph = _trace_for_rewrite(target_model) if plan.needs_graph() else None
     staged = _stage(target_model, plan, graph)
+    aliases = module_aliases(target_model)
     for path, module in staged.modules.items():
-        _swap_module(target_model, path, module)
+        _swap_module(target_model, path, module, aliases)
     warnings = []
     if graph is not None:
         target_model = _rewrite_functional(target_model, graph, staged.functional)
@@ -132,9 +133,9 @@ def _build(model: nn.Module, entry: PlanEntry, state: NormState) -> dict[str, nn
                         f"failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _swap_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def _swap_module(model: nn.Module, path: str, new: nn.Module, aliases: dict[int, list[str]]) -> None:
     old = model.get_submodule(path)
-    for alias in module_aliases(model).get(id(old), [path]):
+    for alias in aliases.get(id(old), [path]):
         parent_path, _, name = alias.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, name, new)

@@ -1,0 +1,89 @@
+"""Wall time of normswap.convert (plan + apply, no validation) against one batch-1 eval forward pass.
+
+    python benchmarks/convert_time.py            # prints the table
+    python benchmarks/convert_time.py --write    # also rewrites its section of BENCHMARKS.md
+
+Medians over interleaved rounds, so machine load hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import normswap
+
+MODELS = ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "levit_128s"]
+RECIPES = ["small-batch", "fold"]
+SECTION = "convert-time"
+
+
+def measure(name: str, recipe: str, rounds: int) -> dict[str, float]:
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+    forward, convert, plan = [], [], []
+    with torch.no_grad():
+        model(x)  # warm-up: allocator and kernels
+    normswap.convert(model, recipe, x, validate=False, batch_size=2)
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        t1 = time.perf_counter()
+        conversion = normswap.convert(model, recipe, x, validate=False, batch_size=2)
+        t2 = time.perf_counter()
+        forward.append(t1 - t0)
+        convert.append(t2 - t1)
+        plan.append(conversion.report.timings["plan_s"])
+    f, c, p = (statistics.median(v) for v in (forward, convert, plan))
+    return {"forward_s": f, "convert_s": c, "plan_s": p, "ratio": c / f,
+            "sites": len(conversion.plan.entries)}
+
+
+def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
+    lines = ["| model | recipe | sites | forward (batch 1) s | convert s | of which plan s | convert / forward |",
+             "|---|---|---|---|---|---|---|"]
+    for name, recipe, r in rows:
+        lines.append(f"| {name} | {recipe} | {r['sites']} | {r['forward_s']:.4f} | {r['convert_s']:.4f} | "
+                     f"{r['plan_s']:.4f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md") -> None:
+    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
+    block = f"{begin}\n{text}\n{end}"
+    content = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in content:
+        content = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.S)
+    else:
+        content = content.rstrip() + "\n\n" + block + "\n"
+    normswap.io.write_text_atomic(path, content)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--write", action="store_true", help="rewrite the section in BENCHMARKS.md")
+    args = parser.parse_args()
+    rows = [(m, r, measure(m, r, args.rounds)) for m in MODELS for r in RECIPES]
+    body = table(rows)
+    print(body)
+    if args.write:
+        import normswap.io  # noqa: F401  (write_text_atomic)
+
+        header = (f"## Conversion time against one forward pass\n\n"
+                  f"`python benchmarks/convert_time.py --write` · torch {torch.__version__}, timm {timm.__version__}, "
+                  f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                  f"median of {args.rounds} interleaved rounds, default input size, CPU.\n\n")
+        write_section(header + body)
+
+
+if __name__ == "__main__":
+    main()
