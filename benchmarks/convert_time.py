@@ -43,20 +43,26 @@ def measure(name: str, recipe: str, rounds: int) -> dict[str, float]:
         convert.append(t2 - t1)
         plan.append(conversion.report.timings["plan_s"])
     f, c, p = (statistics.median(v) for v in (forward, convert, plan))
-    return {"forward_s": f, "convert_s": c, "plan_s": p, "ratio": c / f,
-            "sites": len(conversion.plan.entries)}
+    return {"forward_s": f, "convert_s": c, "plan_s": p, "ratio": c / f, "sites": len(conversion.plan.entries)}
 
 
 def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
-    lines = ["| model | recipe | sites | forward (batch 1) s | convert s | of which plan s | convert / forward |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | recipe | sites | forward (batch 1) s | convert s | of which plan s | convert / forward |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, recipe, r in rows:
-        lines.append(f"| {name} | {recipe} | {r['sites']} | {r['forward_s']:.4f} | {r['convert_s']:.4f} | "
-                     f"{r['plan_s']:.4f} | {r['ratio']:.2f} |")
+        lines.append(
+            f"| {name} | {recipe} | {r['sites']} | {r['forward_s']:.4f} | {r['convert_s']:.4f} | "
+            f"{r['plan_s']:.4f} | {r['ratio']:.2f} |"
+        )
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md") -> None:
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def write_section(text: str, path: Path = BENCHMARKS_MD) -> None:
     begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
     block = f"{begin}\n{text}\n{end}"
     content = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -78,10 +84,12 @@ def main() -> None:
     if args.write:
         import normswap.io  # noqa: F401  (write_text_atomic)
 
-        header = (f"## Conversion time against one forward pass\n\n"
-                  f"`python benchmarks/convert_time.py --write` · torch {torch.__version__}, timm {timm.__version__}, "
-                  f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                  f"median of {args.rounds} interleaved rounds, default input size, CPU.\n\n")
+        header = (
+            f"## Conversion time against one forward pass\n\n"
+            f"`python benchmarks/convert_time.py --write` · torch {torch.__version__}, timm {timm.__version__}, "
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"median of {args.rounds} interleaved rounds, default input size, CPU.\n\n"
+        )
         write_section(header + body)
 
 

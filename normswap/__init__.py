@@ -2,8 +2,17 @@
 
 from .api import apply_plan, convert, plan
 from .checks import batch_dependence, output_drift
-from .errors import (DataError, ModelLoadError, NormswapError, OutputExistsError, PlanError, RecipeError,
-                     TraceError, UnknownNameError, UnsafeCheckpointError)
+from .errors import (
+    DataError,
+    ModelLoadError,
+    NormswapError,
+    OutputExistsError,
+    PlanError,
+    RecipeError,
+    TraceError,
+    UnknownNameError,
+    UnsafeCheckpointError,
+)
 from .layers import ChannelLayerNorm, FrozenBatchNorm
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
 from .targets import NotApplicable, Option, Target, get_target, list_targets, register_target
@@ -12,12 +21,41 @@ from .types import Conversion, Facts, Plan, PlanEntry, Report, Site
 __version__ = "0.1.0"
 
 __all__ = [
-    "plan", "convert", "apply_plan", "save", "load", "batch_dependence", "output_drift",
-    "Plan", "PlanEntry", "Site", "Facts", "Conversion", "Report", "Recipe", "Rule", "Match",
-    "load_recipe", "builtin_recipes", "Target", "Option", "NotApplicable", "register_target", "get_target",
-    "list_targets", "ChannelLayerNorm", "FrozenBatchNorm",
-    "NormswapError", "RecipeError", "UnknownNameError", "PlanError", "TraceError", "ModelLoadError",
-    "UnsafeCheckpointError", "OutputExistsError", "DataError",
+    "plan",
+    "convert",
+    "apply_plan",
+    "save",
+    "load",
+    "batch_dependence",
+    "output_drift",
+    "Plan",
+    "PlanEntry",
+    "Site",
+    "Facts",
+    "Conversion",
+    "Report",
+    "Recipe",
+    "Rule",
+    "Match",
+    "load_recipe",
+    "builtin_recipes",
+    "Target",
+    "Option",
+    "NotApplicable",
+    "register_target",
+    "get_target",
+    "list_targets",
+    "ChannelLayerNorm",
+    "FrozenBatchNorm",
+    "NormswapError",
+    "RecipeError",
+    "UnknownNameError",
+    "PlanError",
+    "TraceError",
+    "ModelLoadError",
+    "UnsafeCheckpointError",
+    "OutputExistsError",
+    "DataError",
 ]
 
 

@@ -36,8 +36,14 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module
     return _apply(model, plan, inplace=inplace).model
 
 
-def convert(model: nn.Module, recipe: RecipeSpec = "auto", example_inputs: Any = None, inplace: bool = False,
-            validate: bool = True, **facts: Any) -> Conversion:
+def convert(
+    model: nn.Module,
+    recipe: RecipeSpec = "auto",
+    example_inputs: Any = None,
+    inplace: bool = False,
+    validate: bool = True,
+    **facts: Any,
+) -> Conversion:
     """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
 
     With ``validate`` (default) the report holds the eval-mode output drift between the original and
@@ -59,10 +65,18 @@ def convert(model: nn.Module, recipe: RecipeSpec = "auto", example_inputs: Any =
     validated = time.perf_counter()
     after = count_parameters(applied.model)
     report = Report(
-        model_cls=the_plan.model_cls, recipe=the_plan.recipe, facts=the_plan.facts, plan_summary=the_plan.summary(),
-        swaps=tuple(applied.swaps), warnings=tuple(applied.warnings),
+        model_cls=the_plan.model_cls,
+        recipe=the_plan.recipe,
+        facts=the_plan.facts,
+        plan_summary=the_plan.summary(),
+        swaps=tuple(applied.swaps),
+        warnings=tuple(applied.warnings),
         timings={"plan_s": planned - started, "apply_s": applied_at - planned, "validate_s": validated - applied_at},
-        params_before=before[0], params_after=after[0], buffers_before=before[1], buffers_after=after[1],
-        batchnorm_left=tuple(batchnorm_left(applied.model)), drift=drift,
+        params_before=before[0],
+        params_after=after[0],
+        buffers_before=before[1],
+        buffers_after=after[1],
+        batchnorm_left=tuple(batchnorm_left(applied.model)),
+        drift=drift,
     )
     return Conversion(model=applied.model, plan=the_plan, report=report)

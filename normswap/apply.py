@@ -16,8 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import PlanError
 from .targets import get_target
-from .tracing import (is_functional_batch_norm, model_state_guard, module_aliases, qualname, resolve_attr,
-                      trace_graph)
+from .tracing import is_functional_batch_norm, model_state_guard, module_aliases, qualname, trace_graph
 from .transfer import NormState
 from .types import Plan, PlanEntry, SwapRecord
 
@@ -43,12 +42,16 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
     warnings = []
     if graph is not None:
         target_model = _rewrite_functional(target_model, graph, staged.functional)
-        warnings.append("functional batch_norm calls were rewritten, so the result is a torch.fx GraphModule: "
-                        "methods of the original class are gone and control flow is fixed as traced "
-                        f"({'train' if model.training else 'eval'} mode).")
+        warnings.append(
+            "functional batch_norm calls were rewritten, so the result is a torch.fx GraphModule: "
+            "methods of the original class are gone and control flow is fixed as traced "
+            f"({'train' if model.training else 'eval'} mode)."
+        )
     if plan.trace != "fx":
-        warnings.append(f"the model did not trace ({plan.trace_error}); module sites were learned from forward "
-                        "hooks and functional batch_norm calls, if any, could not be seen.")
+        warnings.append(
+            f"the model did not trace ({plan.trace_error}); module sites were learned from forward "
+            "hooks and functional batch_norm calls, if any, could not be seen."
+        )
     check_result(target_model, plan)
     return Applied(target_model, staged.records, warnings)
 
@@ -75,11 +78,15 @@ def _check_fits(model: nn.Module, plan: Plan) -> None:
         if qualname(m) != site.cls:
             problems.append(f"{site.path}: is {qualname(m)}, plan expects {site.cls}")
         elif getattr(m, "num_features", None) != site.num_features:
-            problems.append(f"{site.path}: has {getattr(m, 'num_features', None)} features, plan expects {site.num_features}")
+            problems.append(
+                f"{site.path}: has {getattr(m, 'num_features', None)} features, plan expects {site.num_features}"
+            )
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise PlanError(f"the plan (made for {plan.model_cls}) does not fit this {qualname(model)}: "
-                        f"{'; '.join(problems[:8])}{more}. Apply it to a fresh instance of the same architecture.")
+        raise PlanError(
+            f"the plan (made for {plan.model_cls}) does not fit this {qualname(model)}: "
+            f"{'; '.join(problems[:8])}{more}. Apply it to a fresh instance of the same architecture."
+        )
 
 
 def _trace_for_rewrite(model: nn.Module) -> fx.Graph:
@@ -88,8 +95,10 @@ def _trace_for_rewrite(model: nn.Module) -> fx.Graph:
         try:
             return trace_graph(model)
         except Exception as exc:
-            raise PlanError(f"the plan converts functional batch_norm calls, which needs a torch.fx trace, but "
-                            f"{qualname(model)} did not trace: {type(exc).__name__}: {exc}") from exc
+            raise PlanError(
+                f"the plan converts functional batch_norm calls, which needs a torch.fx trace, but "
+                f"{qualname(model)} did not trace: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None) -> _Staged:
@@ -104,8 +113,10 @@ def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None) -> _Staged:
         else:
             node = nodes.get(site.node or "")
             if node is None or not is_functional_batch_norm(node):
-                raise PlanError(f"{site.path}: functional batch_norm node {site.node!r} is not in this model's graph; "
-                                f"the plan does not fit this model.")
+                raise PlanError(
+                    f"{site.path}: functional batch_norm node {site.node!r} is not in this model's graph; "
+                    f"the plan does not fit this model."
+                )
             old = None
             state = NormState.from_functional(model, node, site.num_features, model.training)
         built = _build(model, entry, state)
@@ -117,9 +128,16 @@ def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None) -> _Staged:
             else:
                 staged.modules[path] = module
         new = built[site.path]
-        staged.records.append(SwapRecord(
-            path=site.path, old_cls=site.cls if old is None else qualname(old), new_cls=qualname(new),
-            target=entry.target or "", transfer=str(entry.options.get("transfer", "")), replaced=tuple(built)))
+        staged.records.append(
+            SwapRecord(
+                path=site.path,
+                old_cls=site.cls if old is None else qualname(old),
+                new_cls=qualname(new),
+                target=entry.target or "",
+                transfer=str(entry.options.get("transfer", "")),
+                replaced=tuple(built),
+            )
+        )
     return staged
 
 
@@ -129,8 +147,10 @@ def _build(model: nn.Module, entry: PlanEntry, state: NormState) -> dict[str, nn
     except PlanError:
         raise
     except Exception as exc:
-        raise PlanError(f"{entry.site.path}: building target {entry.target!r} with options {dict(entry.options)} "
-                        f"failed: {type(exc).__name__}: {exc}") from exc
+        raise PlanError(
+            f"{entry.site.path}: building target {entry.target!r} with options {dict(entry.options)} "
+            f"failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _swap_module(model: nn.Module, path: str, new: nn.Module, aliases: dict[int, list[str]]) -> None:
@@ -141,7 +161,9 @@ def _swap_module(model: nn.Module, path: str, new: nn.Module, aliases: dict[int,
         setattr(parent, name, new)
 
 
-def _rewrite_functional(model: nn.Module, graph: fx.Graph, functional: dict[str, tuple[str, nn.Module]]) -> fx.GraphModule:
+def _rewrite_functional(
+    model: nn.Module, graph: fx.Graph, functional: dict[str, tuple[str, nn.Module]]
+) -> fx.GraphModule:
     for node_name, (path, module) in functional.items():
         node = next(n for n in graph.nodes if n.name == node_name)
         owner_path, _, name = path.rpartition(".")
@@ -187,7 +209,11 @@ def running_stats_left(model: nn.Module) -> list[str]:
 def check_result(model: nn.Module, plan: Plan) -> None:
     """Verify what the recipe promised on the model itself, not on the plan."""
     if "no-batchnorm" in plan.ensure and (left := batchnorm_left(model)):
-        raise PlanError(f"recipe {plan.recipe!r} ensures no-batchnorm, yet BatchNorm remains at: {', '.join(left[:10])}.")
+        raise PlanError(
+            f"recipe {plan.recipe!r} ensures no-batchnorm, yet BatchNorm remains at: {', '.join(left[:10])}."
+        )
     if "no-running-stats" in plan.ensure and (left := running_stats_left(model)):
-        raise PlanError(f"recipe {plan.recipe!r} ensures no-running-stats, yet running statistics remain at: "
-                        f"{', '.join(left[:10])}.")
+        raise PlanError(
+            f"recipe {plan.recipe!r} ensures no-running-stats, yet running statistics remain at: "
+            f"{', '.join(left[:10])}."
+        )

@@ -29,7 +29,10 @@ def output_drift(original: nn.Module, converted: nn.Module, inputs: Sequence[Any
     """Eval-mode difference of the two models' outputs on the same inputs: relative L2, mean per-sample
     cosine similarity, max absolute error, and top-1 agreement for N×K outputs."""
     a, b = (_eval_output(m, inputs) for m in (original, converted))
-    a, b = a.double().flatten(1) if a.ndim > 1 else a.double()[None], b.double().flatten(1) if b.ndim > 1 else b.double()[None]
+    a, b = (
+        a.double().flatten(1) if a.ndim > 1 else a.double()[None],
+        b.double().flatten(1) if b.ndim > 1 else b.double()[None],
+    )
     rel = float((a - b).norm() / a.norm().clamp_min(1e-12))
     cos = float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
     drift = {"relative_l2": rel, "cosine": cos, "max_abs": float((a - b).abs().max())}

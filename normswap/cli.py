@@ -19,12 +19,20 @@ DEFAULT_DEMO_MODEL = "resnet18"
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("model", nargs=None if required else "?", metavar="MODEL",
-                   help="timm model name, 'package.module:factory', or a saved normswap directory")
+    p.add_argument(
+        "model",
+        nargs=None if required else "?",
+        metavar="MODEL",
+        help="timm model name, 'package.module:factory', or a saved normswap directory",
+    )
     p.add_argument("--pretrained", action="store_true", help="download timm hub weights (needs a network)")
     p.add_argument("--checkpoint", metavar="FILE", help="local weights: .safetensors, or a torch file (weights_only)")
-    p.add_argument("--key-mapping", default="auto", choices=["auto", "name", "order"],
-                   help="how checkpoint tensors pair with the model's (default: auto)")
+    p.add_argument(
+        "--key-mapping",
+        default="auto",
+        choices=["auto", "name", "order"],
+        help="how checkpoint tensors pair with the model's (default: auto)",
+    )
     p.add_argument("--input-size", metavar="C,H,W", help="example input size (default: timm's input_size)")
 
 
@@ -52,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
     convert.add_argument("--force", action="store_true", help="replace an existing output directory")
     convert.add_argument("--no-validate", action="store_true", help="skip the drift check")
-    demo = sub.add_parser("demo", help=f"end to end on a locally built timm {DEFAULT_DEMO_MODEL}: plan, convert, "
-                                       f"validate, report, reload")
+    demo = sub.add_parser(
+        "demo", help=f"end to end on a locally built timm {DEFAULT_DEMO_MODEL}: plan, convert, validate, report, reload"
+    )
     demo.add_argument("--output", "-o", default="normswap-out", metavar="DIR")
     return parser
 
@@ -129,8 +138,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from .errors import OutputExistsError
 
         raise OutputExistsError(f"output directory {args.output!r} exists; pass --force to replace it.")
-    conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=not args.no_validate,
-                             **_facts(args))
+    conversion = api.convert(
+        model, args.recipe, _input_size(args.input_size), validate=not args.no_validate, **_facts(args)
+    )
     io.save(conversion, args.output, force=args.force, model_spec=spec)
     _print_conversion(conversion, args.output)
     return 0
@@ -156,23 +166,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console = _console()
     model = create_timm(DEFAULT_DEMO_MODEL).eval()
     x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
-    console.print(f"[bold]normswap demo[/bold]: timm {DEFAULT_DEMO_MODEL} (built locally, random weights), "
-                  f"recipe small-batch for batch size 2", highlight=False)
+    console.print(
+        f"[bold]normswap demo[/bold]: timm {DEFAULT_DEMO_MODEL} (built locally, random weights), "
+        f"recipe small-batch for batch size 2",
+        highlight=False,
+    )
     conversion = api.convert(model, "small-batch", x[:1], batch_size=2)
     out = Path(args.output) / f"{DEFAULT_DEMO_MODEL}-small-batch"
     io.save(conversion, out, force=True, model_spec={"timm": DEFAULT_DEMO_MODEL})
     _print_conversion(conversion, str(out))
     before, after = batch_dependence(model, x), batch_dependence(conversion.model, x)
-    console.print(f"train-mode batch dependence (0 = samples independent): original {before:.3g}, "
-                  f"converted {after:.3g}", highlight=False)
+    console.print(
+        f"train-mode batch dependence (0 = samples independent): original {before:.3g}, converted {after:.3g}",
+        highlight=False,
+    )
     reloaded = io.load(out)
-    same = all(torch.equal(a, b) for a, b in zip(conversion.model.state_dict().values(), reloaded.state_dict().values()))
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(conversion.model.state_dict().values(), reloaded.state_dict().values(), strict=True)
+    )
     console.print(f"reloaded from {out}: weights bit-identical = {same}", highlight=False)
     return 0 if same and after < 1e-4 else 1
 
 
-COMMANDS = {"recipes": cmd_recipes, "targets": cmd_targets, "inspect": cmd_inspect, "convert": cmd_convert,
-            "demo": cmd_demo}
+COMMANDS = {
+    "recipes": cmd_recipes,
+    "targets": cmd_targets,
+    "inspect": cmd_inspect,
+    "convert": cmd_convert,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -35,7 +36,9 @@ def atomic_directory(directory: str | Path, force: bool = False) -> Iterator[Pat
     """Yield a temporary directory; on success it replaces ``directory`` in one rename."""
     final = Path(directory)
     if final.exists() and not force:
-        raise OutputExistsError(f"output directory {str(final)!r} exists; pass force=True (CLI: --force) to replace it.")
+        raise OutputExistsError(
+            f"output directory {str(final)!r} exists; pass force=True (CLI: --force) to replace it."
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
@@ -64,8 +67,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             os.unlink(tmp)
 
 
-def save(conversion: Conversion, directory: str | Path, *, force: bool = False,
-         model_spec: Mapping[str, Any] | None = None) -> Path:
+def save(
+    conversion: Conversion, directory: str | Path, *, force: bool = False, model_spec: Mapping[str, Any] | None = None
+) -> Path:
     """Write the converted weights, the plan and the report to ``directory``.
 
     ``model_spec`` (for example ``{"timm": "resnet50"}``) lets ``load(directory)`` rebuild the
@@ -115,8 +119,10 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
 
         spec = read_meta(directory).get("model") or {}
         if not spec:
-            raise ModelLoadError(f"{directory} does not say how to build its architecture; pass a fresh model: "
-                                 f"normswap.load(dir, model).")
+            raise ModelLoadError(
+                f"{directory} does not say how to build its architecture; pass a fresh model: "
+                f"normswap.load(dir, model)."
+            )
         model = build_from_spec(spec)
     converted = apply_plan(model, plan, inplace=True)
     try:
@@ -124,8 +130,10 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     except RuntimeError as exc:
         raise ModelLoadError(f"{directory}/{WEIGHTS} does not fit the converted model: {exc}") from exc
     if missing or unexpected:
-        raise ModelLoadError(f"{directory}/{WEIGHTS} does not fit the converted model: missing keys "
-                             f"{sorted(missing)[:10]}, unexpected keys {sorted(unexpected)[:10]}.")
+        raise ModelLoadError(
+            f"{directory}/{WEIGHTS} does not fit the converted model: missing keys "
+            f"{sorted(missing)[:10]}, unexpected keys {sorted(unexpected)[:10]}."
+        )
     return converted
 
 
@@ -149,7 +157,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint {file} needs more than tensors to load ({str(exc).splitlines()[0]}). normswap loads "
             f"torch files with weights_only=True and never unpickles arbitrary objects, since that can run "
             f"code. Re-save just the state_dict (torch.save(model.state_dict(), f)) or convert it to "
-            f"safetensors.") from None
+            f"safetensors."
+        ) from None
     except Exception as exc:
         raise ModelLoadError(f"checkpoint {file} could not be read: {type(exc).__name__}: {exc}") from exc
     return _state_dict_of(data, file)
@@ -171,7 +180,7 @@ KeyMapping = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tens
 def _by_name(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     own = model.state_dict()
     for prefix in ("", "module.", "model.", "backbone."):
-        renamed = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} if prefix else sd
+        renamed = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)} if prefix else sd
         if renamed.keys() == own.keys():
             return renamed
     return None
@@ -181,9 +190,9 @@ def _by_order(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.
     """Checkpoints from other code bases: pair tensors in order when every shape matches."""
     own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     theirs = [(k, v) for k, v in sd.items() if not k.endswith("num_batches_tracked")]
-    if len(own) != len(theirs) or any(a.shape != b.shape for a, (_, b) in zip(own.values(), theirs)):
+    if len(own) != len(theirs) or any(a.shape != b.shape for a, (_, b) in zip(own.values(), theirs, strict=True)):
         return None
-    return {k: v for k, (_, v) in zip(own, theirs)}
+    return {k: v for k, (_, v) in zip(own, theirs, strict=True)}
 
 
 KEY_MAPPINGS: dict[str, KeyMapping] = {"name": _by_name, "order": _by_order}
@@ -210,13 +219,19 @@ def _mismatch_message(model: nn.Module, sd: Mapping[str, torch.Tensor], path: st
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    parts = [f"{len(missing)} missing ({', '.join(missing[:5])})" if missing else "",
-             f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})" if unexpected else "",
-             f"{len(shapes)} shape mismatches ({'; '.join(shapes[:5])})" if shapes else ""]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
+    parts = [
+        f"{len(missing)} missing ({', '.join(missing[:5])})" if missing else "",
+        f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})" if unexpected else "",
+        f"{len(shapes)} shape mismatches ({'; '.join(shapes[:5])})" if shapes else "",
+    ]
     detail = "; ".join(p for p in parts if p)
-    return (f"checkpoint {path} does not fit {type(model).__name__}: {detail}. Neither names (with 'module.'/"
-            f"'model.' prefixes stripped) nor order with matching shapes pair its tensors.")
+    return (
+        f"checkpoint {path} does not fit {type(model).__name__}: {detail}. Neither names (with 'module.'/"
+        f"'model.' prefixes stripped) nor order with matching shapes pair its tensors."
+    )
 
 
 __all__ = ["save", "load", "read_checkpoint", "load_checkpoint", "atomic_directory", "PlanError"]

@@ -17,8 +17,9 @@ class ChannelLayerNorm(nn.LayerNorm):
     ``nn.LayerNorm``'s, so state_dict keys stay ``weight``/``bias``.
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self, num_channels: int, eps: float = 1e-5, affine: bool = True, device: Any = None, dtype: Any = None
+    ) -> None:
         super().__init__(num_channels, eps=eps, elementwise_affine=affine, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ def create_timm(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module
             raise ModelLoadError(
                 f"could not get pretrained weights for {name!r} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}). The hub is unreachable or the weights are "
-                f"not published; without a network use --checkpoint FILE with local weights.") from exc
+                f"not published; without a network use --checkpoint FILE with local weights."
+            ) from exc
         raise ModelLoadError(f"timm could not build {name!r}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -54,16 +55,19 @@ def call_factory(spec: str) -> nn.Module:
     return model
 
 
-def resolve_model(spec: str, pretrained: bool = False, checkpoint: str | None = None,
-                  key_mapping: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
+def resolve_model(
+    spec: str, pretrained: bool = False, checkpoint: str | None = None, key_mapping: str = "auto"
+) -> tuple[nn.Module, dict[str, Any]]:
     """The model a CLI MODEL argument names, and the spec to rebuild its architecture later."""
     from .io import is_saved_conversion, load, load_checkpoint, read_meta
 
     if is_saved_conversion(spec):
         return load(spec), dict(read_meta(spec).get("model") or {})
     if Path(spec).exists():
-        raise ModelLoadError(f"{spec} is a path but not a saved normswap conversion (needs plan.json and "
-                             f"model.safetensors). For weights, name the architecture and pass --checkpoint {spec}.")
+        raise ModelLoadError(
+            f"{spec} is a path but not a saved normswap conversion (needs plan.json and "
+            f"model.safetensors). For weights, name the architecture and pass --checkpoint {spec}."
+        )
     if ":" in spec:
         model, record = call_factory(spec), {"factory": spec}
     else:

@@ -24,10 +24,15 @@ def build_plan(model_cls: str, discovery: Discovery, recipe: Recipe, facts: Fact
             used.add(entry.rule)
         entries.append(entry)
     plan = Plan(
-        model_cls=model_cls, recipe=recipe.name, facts=facts, entries=tuple(entries),
+        model_cls=model_cls,
+        recipe=recipe.name,
+        facts=facts,
+        entries=tuple(entries),
         other_norms=tuple(discovery.other_norms),
         unmatched_rules=tuple(r.name for r in recipe.rules if r.name not in used),
-        ensure=recipe.ensure, trace=discovery.trace, trace_error=discovery.trace_error,
+        ensure=recipe.ensure,
+        trace=discovery.trace,
+        trace_error=discovery.trace_error,
         example_input_shapes=discovery.input_shapes,
     )
     check_ensured(plan, recipe)
@@ -56,13 +61,20 @@ def _apply_rule(site: Site, rule: Rule, why: str, recipe: Recipe) -> PlanEntry:
         if fallback == ERROR:
             break
         try:
-            return _convert(site, rule, fallback, rule.fallback_options.get(fallback, {}),
-                            f"{why}; fallback, not applicable: {'; '.join(refused)}")
+            return _convert(
+                site,
+                rule,
+                fallback,
+                rule.fallback_options.get(fallback, {}),
+                f"{why}; fallback, not applicable: {'; '.join(refused)}",
+            )
         except NotApplicable as exc:
             refused.append(f"{fallback} ({exc})")
     where = f"rule {rule.name!r} of recipe {recipe.name!r} ({recipe.source})"
-    raise PlanError(f"{site.path}: {where}: no target applies: {'; '.join(refused)}. Give the rule a fallback "
-                    f"(fallback = [\"frozen\", \"keep\"], say) or exclude this path.")
+    raise PlanError(
+        f"{site.path}: {where}: no target applies: {'; '.join(refused)}. Give the rule a fallback "
+        f'(fallback = ["frozen", "keep"], say) or exclude this path.'
+    )
 
 
 def _convert(site: Site, rule: Rule, target_name: str, options: Mapping[str, Any], why: str) -> PlanEntry:
@@ -77,11 +89,15 @@ def check_ensured(plan: Plan, recipe: Recipe) -> None:
     for e in plan.entries:
         if "no-batchnorm" in recipe.ensure and e.action == "keep":
             problems.append(f"{e.site.path} stays BatchNorm ({e.reason})")
-        if ("no-running-stats" in recipe.ensure and e.action == "convert"
-                and get_target(e.target or "").keeps_running_stats):
+        if (
+            "no-running-stats" in recipe.ensure
+            and e.action == "convert"
+            and get_target(e.target or "").keeps_running_stats
+        ):
             problems.append(f"{e.site.path} becomes {e.target}, which keeps running statistics")
     if problems:
         listing = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise PlanError(f"recipe {recipe.name!r} ensures {', '.join(recipe.ensure)} but: {listing}. "
-                        f"Adjust the recipe's rules or fallbacks.")
-
+        raise PlanError(
+            f"recipe {recipe.name!r} ensures {', '.join(recipe.ensure)} but: {listing}. "
+            f"Adjust the recipe's rules or fallbacks."
+        )

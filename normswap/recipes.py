@@ -171,16 +171,30 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         def match_dict(m: Match) -> dict[str, Any]:
-            return {f.name: list(v) if isinstance(v, tuple) else v
-                    for f in fields(m) if (v := getattr(m, f.name)) not in ((), None)}
+            return {
+                f.name: list(v) if isinstance(v, tuple) else v
+                for f in fields(m)
+                if (v := getattr(m, f.name)) not in ((), None)
+            }
 
         return {
-            "recipe": {"name": self.name, "description": self.description, "when": self.when,
-                       "ensure": list(self.ensure)},
-            "rules": [{"name": r.name, "match": match_dict(r.match), "target": r.target,
-                       "options": dict(r.options), "fallback": list(r.fallback),
-                       "fallback_options": {k: dict(v) for k, v in r.fallback_options.items()}}
-                      for r in self.rules],
+            "recipe": {
+                "name": self.name,
+                "description": self.description,
+                "when": self.when,
+                "ensure": list(self.ensure),
+            },
+            "rules": [
+                {
+                    "name": r.name,
+                    "match": match_dict(r.match),
+                    "target": r.target,
+                    "options": dict(r.options),
+                    "fallback": list(r.fallback),
+                    "fallback_options": {k: dict(v) for k, v in r.fallback_options.items()},
+                }
+                for r in self.rules
+            ],
         }
 
     @classmethod
@@ -189,10 +203,18 @@ class Recipe:
 
 
 _MATCH_TYPES: dict[str, tuple[type, Any]] = {
-    "classes": (list, None), "include": (list, None), "exclude": (list, None), "layouts": (list, LAYOUTS),
-    "kinds": (list, KINDS), "min_channels": (int, None), "max_channels": (int, None),
-    "batch_size_max": (int, None), "batch_size_min": (int, None), "sequence": (bool, None),
-    "purpose": (list, PURPOSES), "task": (list, TASKS),
+    "classes": (list, None),
+    "include": (list, None),
+    "exclude": (list, None),
+    "layouts": (list, LAYOUTS),
+    "kinds": (list, KINDS),
+    "min_channels": (int, None),
+    "max_channels": (int, None),
+    "batch_size_max": (int, None),
+    "batch_size_min": (int, None),
+    "sequence": (bool, None),
+    "purpose": (list, PURPOSES),
+    "task": (list, TASKS),
 }
 _RULE_KEYS = ("name", "match", "target", "options", "fallback", "fallback_options")
 _HEADER_KEYS = ("name", "description", "when", "ensure")
@@ -253,7 +275,9 @@ def _parse_target(name: Any, options: Any, where: str, source: str, allowed: tup
     except UnknownNameError:
         from .targets import list_targets
 
-        raise RecipeError(str(unknown_name("target", name, [*list_targets(), *allowed], f"{source}: {where}"))) from None
+        raise RecipeError(
+            str(unknown_name("target", name, [*list_targets(), *allowed], f"{source}: {where}"))
+        ) from None
     return dict(_check_options(target, options, where, source))
 
 
@@ -275,8 +299,14 @@ def _parse_rule(raw: Any, index: int, source: str) -> Rule:
     target = table.get("target", KEEP)
     options = _parse_target(target, table.get("options"), f"{where}.target", source, (KEEP,))
     fallback, fallback_options = _parse_fallback(table, where, source)
-    return Rule(name=name, match=_parse_match(table.get("match", {}), f"{where}.match", source), target=target,
-                options=options, fallback=fallback, fallback_options=fallback_options)
+    return Rule(
+        name=name,
+        match=_parse_match(table.get("match", {}), f"{where}.match", source),
+        target=target,
+        options=options,
+        fallback=fallback,
+        fallback_options=fallback_options,
+    )
 
 
 def _parse_fallback(table: Mapping[str, Any], where: str, source: str) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -315,8 +345,14 @@ def _parse_recipe(data: Mapping[str, Any], source: str) -> Recipe:
         if key in header and not isinstance(header[key], str):
             raise RecipeError(f"{source}: [recipe].{key} must be a string.")
     default_name = Path(source).stem if source != "<api>" else "custom"
-    return Recipe(name=header.get("name", default_name), rules=rules, description=header.get("description", ""),
-                  when=header.get("when", ""), ensure=tuple(ensure), source=source)
+    return Recipe(
+        name=header.get("name", default_name),
+        rules=rules,
+        description=header.get("description", ""),
+        when=header.get("when", ""),
+        ensure=tuple(ensure),
+        source=source,
+    )
 
 
 def load_recipe(spec: str | Path | Recipe | Mapping[str, Any]) -> Recipe:

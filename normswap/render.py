@@ -11,10 +11,17 @@ from .types import Plan, Report
 
 def plan_table(plan: Plan, max_rows: int | None = None, wide: bool = True) -> Table:
     """One row per site. ``wide`` adds the match reason; the narrow form fits 80 columns."""
-    table = Table(title=f"normswap plan: {plan.model_cls.rsplit('.', 1)[-1]} · recipe {plan.recipe}",
-                  box=box.SIMPLE_HEAD, pad_edge=False, expand=False)
-    columns = ("site", "class", "input (layout, by)", "action", "rule", "reason") if wide else (
-        "site", "class", "input", "action")
+    table = Table(
+        title=f"normswap plan: {plan.model_cls.rsplit('.', 1)[-1]} · recipe {plan.recipe}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        expand=False,
+    )
+    columns = (
+        ("site", "class", "input (layout, by)", "action", "rule", "reason")
+        if wide
+        else ("site", "class", "input", "action")
+    )
     for column in columns:
         table.add_column(column, overflow="fold")
     entries = plan.entries if max_rows is None else plan.entries[:max_rows]
@@ -38,8 +45,10 @@ def plan_table(plan: Plan, max_rows: int | None = None, wide: bool = True) -> Ta
 
 
 def plan_footer(plan: Plan) -> list[str]:
-    lines = [f"{len(plan.entries)} sites (trace: {plan.trace}); " +
-             ", ".join(f"{k}: {v}" for k, v in sorted(plan.summary().items()))]
+    lines = [
+        f"{len(plan.entries)} sites (trace: {plan.trace}); "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(plan.summary().items()))
+    ]
     if plan.trace_error:
         lines.append(f"fx trace failed, sites learned from forward hooks: {plan.trace_error}")
     if plan.unmatched_rules:
@@ -69,23 +78,36 @@ def print_plan(plan: Plan, console: Console | None = None, max_rows: int | None 
 
 
 def report_lines(report: Report) -> list[str]:
-    lines = [f"{report.model_cls.rsplit('.', 1)[-1]} · recipe {report.recipe} · "
-             f"{len(report.swaps)} sites converted · BatchNorm left: {len(report.batchnorm_left)}"]
-    lines.append(f"parameters {report.params_before:,} → {report.params_after:,}; "
-                 f"buffers {report.buffers_before:,} → {report.buffers_after:,}")
+    lines = [
+        f"{report.model_cls.rsplit('.', 1)[-1]} · recipe {report.recipe} · "
+        f"{len(report.swaps)} sites converted · BatchNorm left: {len(report.batchnorm_left)}"
+    ]
+    lines.append(
+        f"parameters {report.params_before:,} → {report.params_after:,}; "
+        f"buffers {report.buffers_before:,} → {report.buffers_after:,}"
+    )
     if report.drift:
-        lines.append("output drift (eval, example inputs): " +
-                     ", ".join(f"{k} {v:.4g}" for k, v in report.drift.items()))
+        lines.append(
+            "output drift (eval, example inputs): " + ", ".join(f"{k} {v:.4g}" for k, v in report.drift.items())
+        )
     lines.append("time: " + ", ".join(f"{k} {v:.3f}s" for k, v in report.timings.items()))
     lines += [f"warning: {w}" for w in report.warnings]
     return lines
 
 
 def report_markdown(report: Report, plan: Plan) -> str:
-    out = [f"# normswap report: {report.model_cls}", "", *[f"- {line}" for line in report_lines(report)], "",
-           "| site | from | to | transfer |", "|---|---|---|---|"]
-    out += [f"| {s.path} | {s.old_cls.rsplit('.', 1)[-1]} | {s.new_cls.rsplit('.', 1)[-1]} | {s.transfer} |"
-            for s in report.swaps]
+    out = [
+        f"# normswap report: {report.model_cls}",
+        "",
+        *[f"- {line}" for line in report_lines(report)],
+        "",
+        "| site | from | to | transfer |",
+        "|---|---|---|---|",
+    ]
+    out += [
+        f"| {s.path} | {s.old_cls.rsplit('.', 1)[-1]} | {s.new_cls.rsplit('.', 1)[-1]} | {s.transfer} |"
+        for s in report.swaps
+    ]
     out += ["", "## Plan", "", "```", plan_text(plan).rstrip(), "```", ""]
     return "\n".join(out)
 

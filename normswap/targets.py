@@ -19,8 +19,15 @@ from torch import nn
 
 from .errors import PlanError, RecipeError, unknown_name
 from .layers import ChannelLayerNorm, FrozenBatchNorm
-from .transfer import (TRANSFERS, NormState, affine_copy, fold_into, foldable_out_channels,
-                       resolve_transfer, transferred_affine)
+from .transfer import (
+    TRANSFERS,
+    NormState,
+    affine_copy,
+    fold_into,
+    foldable_out_channels,
+    resolve_transfer,
+    transferred_affine,
+)
 from .types import Site
 
 
@@ -48,8 +55,9 @@ class Option:
         return value
 
 
-_TRANSFER_OPTION = Option(str, "auto", "affine | statistics | none; auto = statistics where running "
-                          "statistics exist, else affine", TRANSFERS)
+_TRANSFER_OPTION = Option(
+    str, "auto", "affine | statistics | none; auto = statistics where running statistics exist, else affine", TRANSFERS
+)
 
 
 class Target(abc.ABC):
@@ -153,8 +161,9 @@ class GroupNormTarget(_GroupStatNorm):
     options = {
         "groups": Option(int, 32, "number of groups (Wu & He: 32 best)"),
         "channels_per_group": Option((int, type(None)), None, "channels per group instead of groups"),
-        "adjust": Option(str, "largest-divisor", "when groups do not divide C: largest-divisor | error",
-                         ("largest-divisor", "error")),
+        "adjust": Option(
+            str, "largest-divisor", "when groups do not divide C: largest-divisor | error", ("largest-divisor", "error")
+        ),
         "transfer": _TRANSFER_OPTION,
     }
 
@@ -180,8 +189,9 @@ class GroupNormTarget(_GroupStatNorm):
         if state.act is not None:
             from timm.layers import GroupNormAct
 
-            return GroupNormAct(site.num_features, int(options["groups"]), eps=state.eps,
-                                affine=options["affine"], apply_act=False)
+            return GroupNormAct(
+                site.num_features, int(options["groups"]), eps=state.eps, affine=options["affine"], apply_act=False
+            )
         return nn.GroupNorm(int(options["groups"]), site.num_features, eps=state.eps, affine=options["affine"])
 
 
@@ -218,8 +228,11 @@ class LayerNormCHWTarget(_GroupStatNorm):
         return nn.GroupNorm(1, site.num_features, eps=state.eps, affine=options["affine"])
 
 
-_INSTANCE_NORMS: dict[str, type[nn.Module]] = {"sequence": nn.InstanceNorm1d, "image": nn.InstanceNorm2d,
-                                               "volume": nn.InstanceNorm3d}
+_INSTANCE_NORMS: dict[str, type[nn.Module]] = {
+    "sequence": nn.InstanceNorm1d,
+    "image": nn.InstanceNorm2d,
+    "volume": nn.InstanceNorm3d,
+}
 
 
 class InstanceNormTarget(_GroupStatNorm):
@@ -266,8 +279,12 @@ class FrozenTarget(Target):
         module.to(device=state.device, dtype=state.dtype).train(state.training)
         weight, bias = affine_copy(state)
         with torch.no_grad():
-            for name, value in (("weight", weight), ("bias", bias), ("running_mean", state.running_mean),
-                                ("running_var", state.running_var)):
+            for name, value in (
+                ("weight", weight),
+                ("bias", bias),
+                ("running_mean", state.running_mean),
+                ("running_var", state.running_var),
+            ):
                 getattr(module, name).copy_(value)
         if state.act is not None and not isinstance(module, FrozenBatchNorm):
             return {site.path: with_activation(module, state)}
@@ -298,8 +315,10 @@ class FoldTarget(Target):
         producer = resolve_attr(model, options["producer"])
         channels = foldable_out_channels(producer)
         if channels != site.num_features:
-            raise PlanError(f"{site.path}: cannot fold into {options['producer']} ({type(producer).__name__}, "
-                            f"{channels} output channels) — it needs a conv/linear with {site.num_features}.")
+            raise PlanError(
+                f"{site.path}: cannot fold into {options['producer']} ({type(producer).__name__}, "
+                f"{channels} output channels) — it needs a conv/linear with {site.num_features}."
+            )
         return {options["producer"]: fold_into(producer, state), site.path: activation_only(state)}
 
 
@@ -338,6 +357,13 @@ def list_targets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-for _t in (GroupNormTarget(), LayerNormTarget(), LayerNormCHWTarget(), InstanceNormTarget(), FrozenTarget(),
-           FoldTarget(), IdentityTarget()):
+for _t in (
+    GroupNormTarget(),
+    LayerNormTarget(),
+    LayerNormCHWTarget(),
+    InstanceNormTarget(),
+    FrozenTarget(),
+    FoldTarget(),
+    IdentityTarget(),
+):
     register_target(_t)

@@ -111,7 +111,7 @@ def functional_arguments(node: fx.Node) -> dict[str, Any]:
     """F.batch_norm's arguments by name (torch.batch_norm shares the leading positional order)."""
     if node.target is torch.batch_norm:
         names = ["input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"]
-        return dict(zip(names, node.args)) | dict(node.kwargs)
+        return dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     bound = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
@@ -144,7 +144,8 @@ def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
     if not size:
         raise TraceError(
             f"{type(model).__name__} has no timm pretrained_cfg['input_size'], so normswap cannot guess "
-            f"an input. Pass example_inputs=torch.randn(1, C, H, W) (API) or --input-size C,H,W (CLI).")
+            f"an input. Pass example_inputs=torch.randn(1, C, H, W) (API) or --input-size C,H,W (CLI)."
+        )
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
@@ -243,24 +244,30 @@ def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
             for h in handles:
                 h.remove()
     node_index = _module_nodes(graph)
-    sites = [_module_site(path, m, observed[id(m)], node_index, aliases[id(m)], model)
-             for path, m in bn_modules]
+    sites = [_module_site(path, m, observed[id(m)], node_index, aliases[id(m)], model) for path, m in bn_modules]
     if graph is not None:
-        sites += [_functional_site(n, functional_seen.get(n.name, _Observed()), model, node_index)
-                  for n in graph.nodes if is_functional_batch_norm(n)]
-    others = [OtherNorm(p, qualname(m)) for p, m in model.named_modules()
-              if _is_other_norm(m)]
+        sites += [
+            _functional_site(n, functional_seen.get(n.name, _Observed()), model, node_index)
+            for n in graph.nodes
+            if is_functional_batch_norm(n)
+        ]
+    others = [OtherNorm(p, qualname(m)) for p, m in model.named_modules() if _is_other_norm(m)]
     shapes = tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor))
     return Discovery(sites, others, graph, trace_error, shapes)
 
 
 def _refuse_uninitialized(model: nn.Module) -> None:
     """A forward pass would materialise lazy modules (and change their class) on the user's model."""
-    lazy = [p for p, m in model.named_modules()
-            if any(nn.parameter.is_lazy(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))]
+    lazy = [
+        p
+        for p, m in model.named_modules()
+        if any(nn.parameter.is_lazy(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+    ]
     if lazy:
-        raise TraceError(f"{len(lazy)} lazy module(s) are not initialised yet ({', '.join(lazy[:5])}); normswap will not "
-                         f"initialise them on your model. Run one forward pass first: model(example_input).")
+        raise TraceError(
+            f"{len(lazy)} lazy module(s) are not initialised yet ({', '.join(lazy[:5])}); normswap will not "
+            f"initialise them on your model. Run one forward pass first: model(example_input)."
+        )
 
 
 def _is_other_norm(m: nn.Module) -> bool:
@@ -292,7 +299,8 @@ def _run_forward(model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any]
         raise TraceError(
             f"{type(model).__name__} failed on example inputs of shape {shapes}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}. Give inputs the model accepts: "
-            f"example_inputs=... (API) or --input-size C,H,W (CLI).") from exc
+            f"example_inputs=... (API) or --input-size C,H,W (CLI)."
+        ) from exc
 
 
 def _module_nodes(graph: fx.Graph | None) -> dict[str, list[fx.Node]]:
@@ -352,21 +360,38 @@ def _layout(shape: tuple[int, ...] | None, module: nn.Module | None) -> tuple[st
     return "unknown", True
 
 
-def _module_site(path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]],
-                 paths: list[str], model: nn.Module) -> Site:
+def _module_site(
+    path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]], paths: list[str], model: nn.Module
+) -> Site:
     nodes = module_nodes.get(path, [])
     st = _structure(nodes, model, module_nodes)
     layout, inferred = _layout(obs.shape, m)
     learned = "fx" if nodes else ("eager" if obs.calls else "none")
     dtype = obs.dtype or (str(m.weight.dtype).replace("torch.", "") if m.weight is not None else "float32")
     return Site(
-        path=path, kind="module", cls=qualname(m), num_features=_num_features(m),
-        affine=bool(m.affine), track_running_stats=bool(m.track_running_stats),
+        path=path,
+        kind="module",
+        cls=qualname(m),
+        num_features=_num_features(m),
+        affine=bool(m.affine),
+        track_running_stats=bool(m.track_running_stats),
         has_running_stats=m.running_mean is not None and m.running_var is not None,
-        eps=float(m.eps), momentum=m.momentum, has_act=isinstance(getattr(m, "act", None), nn.Module),
-        input_shape=obs.shape, layout=layout, layout_inferred=inferred, memory_format=obs.memory_format,
-        dtype=dtype, producer=st.producer, producer_cls=st.producer_cls, producer_exclusive=st.exclusive,
-        producer_foldable=st.foldable_channels == m.num_features, consumers=st.consumers, call_count=obs.calls, learned_by=learned, aliases=tuple(p for p in paths if p != path),
+        eps=float(m.eps),
+        momentum=m.momentum,
+        has_act=isinstance(getattr(m, "act", None), nn.Module),
+        input_shape=obs.shape,
+        layout=layout,
+        layout_inferred=inferred,
+        memory_format=obs.memory_format,
+        dtype=dtype,
+        producer=st.producer,
+        producer_cls=st.producer_cls,
+        producer_exclusive=st.exclusive,
+        producer_foldable=st.foldable_channels == m.num_features,
+        consumers=st.consumers,
+        call_count=obs.calls,
+        learned_by=learned,
+        aliases=tuple(p for p in paths if p != path),
         mro=tuple(qualname(c) for c in type(m).__mro__ if issubclass(c, _BatchNorm)),
     )
 
@@ -375,8 +400,7 @@ def _num_features(m: _BatchNorm) -> int:
     return int(m.num_features)
 
 
-def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module,
-                     module_nodes: dict[str, list[fx.Node]]) -> Site:
+def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module, module_nodes: dict[str, list[fx.Node]]) -> Site:
     args = functional_arguments(node)
     tensors = {k: _attr_tensor(model, args.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
     known = [t for t in tensors.values() if t is not None]
@@ -389,15 +413,29 @@ def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module,
     st = _structure([node], model, module_nodes)
     layout, inferred = _layout(obs.shape, None)
     return Site(
-        path=functional_site_path(node), kind="functional", cls=f"{F.batch_norm.__module__}.batch_norm",
-        num_features=channels, affine=args.get("weight") is not None,
-        track_running_stats=args.get("running_mean") is not None, has_running_stats=tensors["running_mean"] is not None
-        and tensors["running_var"] is not None, eps=float(args.get("eps", 1e-5)), momentum=args.get("momentum"),
-        has_act=False, input_shape=obs.shape, layout=layout, layout_inferred=inferred,
-        memory_format=obs.memory_format, dtype=obs.dtype or "float32", producer=st.producer,
-        producer_cls=st.producer_cls, producer_exclusive=st.exclusive,
-        producer_foldable=st.foldable_channels == channels, consumers=st.consumers, call_count=obs.calls,
-        learned_by="fx", node=node.name,
+        path=functional_site_path(node),
+        kind="functional",
+        cls=f"{F.batch_norm.__module__}.batch_norm",
+        num_features=channels,
+        affine=args.get("weight") is not None,
+        track_running_stats=args.get("running_mean") is not None,
+        has_running_stats=tensors["running_mean"] is not None and tensors["running_var"] is not None,
+        eps=float(args.get("eps", 1e-5)),
+        momentum=args.get("momentum"),
+        has_act=False,
+        input_shape=obs.shape,
+        layout=layout,
+        layout_inferred=inferred,
+        memory_format=obs.memory_format,
+        dtype=obs.dtype or "float32",
+        producer=st.producer,
+        producer_cls=st.producer_cls,
+        producer_exclusive=st.exclusive,
+        producer_foldable=st.foldable_channels == channels,
+        consumers=st.consumers,
+        call_count=obs.calls,
+        learned_by="fx",
+        node=node.name,
     )
 
 

@@ -47,12 +47,18 @@ class NormState:
         act = getattr(m, "act", None)
         drop = getattr(m, "drop", None)
         return cls(
-            num_features=int(m.num_features), weight=_data(m.weight), bias=_data(m.bias),
-            running_mean=_data(m.running_mean), running_var=_data(m.running_var), eps=float(m.eps),
-            training=m.training, requires_grad=bool(m.weight is not None and m.weight.requires_grad),
+            num_features=int(m.num_features),
+            weight=_data(m.weight),
+            bias=_data(m.bias),
+            running_mean=_data(m.running_mean),
+            running_var=_data(m.running_var),
+            eps=float(m.eps),
+            training=m.training,
+            requires_grad=bool(m.weight is not None and m.weight.requires_grad),
             device=ref.device if ref is not None else torch.device("cpu"),
             dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32,
-            act=act if isinstance(act, nn.Module) else None, drop=drop if isinstance(drop, nn.Module) else None,
+            act=act if isinstance(act, nn.Module) else None,
+            drop=drop if isinstance(drop, nn.Module) else None,
         )
 
     @classmethod
@@ -62,9 +68,13 @@ class NormState:
         ref = next((t for t in tensors.values() if t is not None), None)
         weight = tensors["weight"]
         return cls(
-            num_features=num_features, weight=_data(weight), bias=_data(tensors["bias"]),
-            running_mean=_data(tensors["running_mean"]), running_var=_data(tensors["running_var"]),
-            eps=float(args.get("eps", 1e-5)), training=training,
+            num_features=num_features,
+            weight=_data(weight),
+            bias=_data(tensors["bias"]),
+            running_mean=_data(tensors["running_mean"]),
+            running_var=_data(tensors["running_var"]),
+            eps=float(args.get("eps", 1e-5)),
+            training=training,
             requires_grad=bool(weight is not None and weight.requires_grad),
             device=ref.device if ref is not None else torch.device("cpu"),
             dtype=ref.dtype if ref is not None else torch.float32,
@@ -135,7 +145,9 @@ def statistics_aware_affine(state: NormState, groups: int, eps: float) -> tuple[
     return weight.to(state.dtype), bias.to(state.dtype)
 
 
-def transferred_affine(state: NormState, transfer: str, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def transferred_affine(
+    state: NormState, transfer: str, groups: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The new layer's (weight, bias) for a resolved transfer; None leaves the fresh initialisation."""
     if transfer == "statistics":
         return statistics_aware_affine(state, groups, eps)

@@ -126,13 +126,25 @@ class PlanEntry:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site.to_dict(), "rule": self.rule, "action": self.action,
-                "target": self.target, "options": dict(self.options), "reason": self.reason}
+        return {
+            "site": self.site.to_dict(),
+            "rule": self.rule,
+            "action": self.action,
+            "target": self.target,
+            "options": dict(self.options),
+            "reason": self.reason,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanEntry:
-        return cls(site=Site.from_dict(data["site"]), rule=data.get("rule"), action=data["action"],
-                   target=data.get("target"), options=dict(data.get("options", {})), reason=data.get("reason", ""))
+        return cls(
+            site=Site.from_dict(data["site"]),
+            rule=data.get("rule"),
+            action=data["action"],
+            target=data.get("target"),
+            options=dict(data.get("options", {})),
+            reason=data.get("reason", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -194,8 +206,10 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         version = data.get("schema_version")
         if version != PLAN_SCHEMA_VERSION:
-            raise PlanError(f"plan schema version {version!r} is not supported (this normswap reads "
-                            f"version {PLAN_SCHEMA_VERSION}); re-create the plan with this version.")
+            raise PlanError(
+                f"plan schema version {version!r} is not supported (this normswap reads "
+                f"version {PLAN_SCHEMA_VERSION}); re-create the plan with this version."
+            )
         try:
             return cls(
                 model_cls=data["model_cls"],
@@ -212,8 +226,10 @@ class Plan:
         except (KeyError, TypeError) as exc:
             if isinstance(exc, UnknownNameError):
                 raise
-            raise PlanError(f"plan data is malformed ({type(exc).__name__}: {exc}); was it written by "
-                            f"normswap.save or Plan.to_json?") from exc
+            raise PlanError(
+                f"plan data is malformed ({type(exc).__name__}: {exc}); was it written by "
+                f"normswap.save or Plan.to_json?"
+            ) from exc
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

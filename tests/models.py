@@ -20,8 +20,9 @@ class FunctionalBN(nn.Module):
         self.head = nn.Linear(c, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.batch_norm(self.conv(x), self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training, 0.1, 1e-5)
+        y = F.batch_norm(
+            self.conv(x), self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, 1e-5
+        )
         return self.head(F.relu(y).mean((2, 3)))
 
 

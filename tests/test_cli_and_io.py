@@ -41,10 +41,19 @@ def test_inspect_changes_nothing_and_prints_json(capsys):
 
 def test_convert_writes_weights_plan_and_report_and_reloads(tmp_path, capsys):
     out = tmp_path / "conv"
-    assert run_cli("convert", "resnet18", "-r", "small-batch", "--batch-size", "2", "--input-size", "3,32,32",
-                   "-o", str(out)) == 0
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "plan.json", "report.json", "report.md",
-                                               "normswap.json"}
+    assert (
+        run_cli(
+            "convert", "resnet18", "-r", "small-batch", "--batch-size", "2", "--input-size", "3,32,32", "-o", str(out)
+        )
+        == 0
+    )
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "plan.json",
+        "report.json",
+        "report.md",
+        "normswap.json",
+    }
     report = json.loads((out / "report.json").read_text())
     assert report["batchnorm_left"] == [] and len(report["swaps"]) == 20
     reloaded = normswap.load(out)
@@ -134,8 +143,9 @@ def test_debug_shows_the_traceback():
 
 
 def test_installed_launcher_runs_from_a_checkout():
-    result = subprocess.run([sys.executable, str(REPO / "cli.py"), "recipes"], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "recipes"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert result.returncode == 0 and "dp" in result.stdout
 
 

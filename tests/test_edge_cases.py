@@ -11,8 +11,7 @@ import normswap
 from normswap.apply import batchnorm_left
 
 from .conftest import model_fingerprint, relative_error
-from .models import (FunctionalBN, SequenceBN, SharedBN, SharedConv, ThirtyChannels, Untraceable, Variants,
-                     trained_stats)
+from .models import FunctionalBN, SequenceBN, SharedBN, SharedConv, ThirtyChannels, Untraceable, Variants, trained_stats
 
 
 def test_functional_batch_norm_is_found_and_rewritten():
@@ -124,9 +123,17 @@ def test_batchnorm_inside_a_leaf_module_is_learned_by_hooks():
 
 def test_fold_is_exact_on_conv_and_linear_and_refuses_a_shared_producer():
     torch.manual_seed(0)
-    model = trained_stats(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                                        nn.Linear(8 * 6 * 6, 5, bias=False), nn.BatchNorm1d(5)),
-                          torch.randn(16, 3, 8, 8))
+    model = trained_stats(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 6 * 6, 5, bias=False),
+            nn.BatchNorm1d(5),
+        ),
+        torch.randn(16, 3, 8, 8),
+    )
     x = torch.randn(4, 3, 8, 8)
     conversion = normswap.convert(model, "fold", x[:1])
     assert [e.target for e in conversion.plan.entries] == ["fold", "fold"]
