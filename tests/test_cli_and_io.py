@@ -126,6 +126,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"

@@ -112,3 +112,16 @@ def test_inplace_converts_the_given_object(timm_model_factory):
     assert conversion.model is model
     assert batchnorm_left(model) == []
     assert conversion.report.drift is not None
+
+
+def test_timm_sync_batchnorm_act_converts_and_keeps_activation(timm_model_factory):
+    from timm.layers import GroupNormAct, convert_sync_batchnorm
+    from timm.layers.norm_act import SyncBatchNormAct
+
+    model, x = timm_model_factory("mobilenetv3_small_050")
+    synced = convert_sync_batchnorm(model).eval()
+    assert any(isinstance(m, SyncBatchNormAct) for m in synced.modules())
+    converted = normswap.convert(synced, "small-batch", x[:1], batch_size=2).model
+    assert batchnorm_left(converted) == []
+    assert isinstance(converted.bn1, GroupNormAct) and type(converted.bn1.act) is type(synced.bn1.act)
+    assert normswap.batch_dependence(converted, x) < 1e-5
