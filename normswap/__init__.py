@@ -2,6 +2,8 @@
 
 from .api import apply_plan, convert, plan
 from .checks import batch_dependence, output_drift
+from .data import InputSet, load_inputs
+from .drift import ValidationFailed, validate
 from .errors import (
     DataError,
     ModelLoadError,
@@ -16,7 +18,7 @@ from .errors import (
 from .layers import ChannelLayerNorm, FrozenBatchNorm
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
 from .targets import NotApplicable, Option, Target, get_target, list_targets, register_target
-from .types import Conversion, Facts, Plan, PlanEntry, Report, Site
+from .types import Conversion, DriftReport, Facts, Plan, PlanEntry, Report, Site
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,11 @@ __all__ = [
     "plan",
     "convert",
     "apply_plan",
+    "validate",
+    "load_inputs",
+    "InputSet",
+    "ValidationFailed",
+    "DriftReport",
     "save",
     "load",
     "batch_dependence",

@@ -1,7 +1,8 @@
-"""The programmatic API: plan, convert, apply_plan."""
+"""The programmatic API: plan, convert, apply_plan (validate lives in ``normswap.drift``)."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,13 +12,17 @@ from torch import nn
 
 from .apply import apply_plan as _apply
 from .apply import batchnorm_left
-from .checks import count_parameters, output_drift
+from .checks import count_parameters
+from .data import load_inputs
 from .planner import build_plan
 from .recipes import Recipe, load_recipe
 from .tracing import as_input_tuple, default_example_inputs, discover, qualname
 from .types import Conversion, Facts, Plan, Report
+from .drift import ValidationFailed
+from .drift import validate as validate_drift
 
 RecipeSpec = str | Path | Recipe | Mapping[str, Any]
+CONVERT_VALIDATION_SAMPLES = 4
 
 
 def plan(model: nn.Module, recipe: RecipeSpec = "auto", example_inputs: Any = None, **facts: Any) -> Plan:
@@ -42,26 +47,40 @@ def convert(
     example_inputs: Any = None,
     inplace: bool = False,
     validate: bool = True,
+    data: Any = None,
+    max_drift: float | None = None,
+    min_top1_agreement: float | None = None,
+    strict: bool = False,
     **facts: Any,
 ) -> Conversion:
     """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
 
-    With ``validate`` (default) the report holds the eval-mode output drift between the original and
-    the converted model on ``example_inputs``.
+    With ``validate`` (default) the report holds a :class:`~normswap.types.DriftReport` comparing the
+    original and the converted model on ``data`` (anything :func:`normswap.validate` takes), or on a
+    few synthetic samples shaped like ``example_inputs``. ``strict`` raises
+    :class:`~normswap.drift.ValidationFailed` when ``max_drift`` or ``min_top1_agreement`` fails.
     """
     started = time.perf_counter()
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     before = count_parameters(model)
     the_plan = plan(model, recipe, inputs, **facts)
     planned = time.perf_counter()
-    original = model
-    if inplace and validate:
-        import copy
-
-        original = copy.deepcopy(model)
+    original = copy.deepcopy(model) if inplace and validate else model
     applied = _apply(model, the_plan, inplace=inplace)
     applied_at = time.perf_counter()
-    drift = output_drift(original, applied.model, inputs) if validate else None
+    drift = None
+    if validate:
+        samples = None if data is not None else CONVERT_VALIDATION_SAMPLES
+        checked = load_inputs(original, data, limit=samples, example_shape=tuple(inputs[0].shape))
+        drift = validate_drift(
+            original,
+            applied.model,
+            checked,
+            plan=the_plan,
+            repeats=3,
+            max_drift=max_drift,
+            min_top1_agreement=min_top1_agreement,
+        )
     validated = time.perf_counter()
     after = count_parameters(applied.model)
     report = Report(
@@ -79,4 +98,7 @@ def convert(
         batchnorm_left=tuple(batchnorm_left(applied.model)),
         drift=drift,
     )
-    return Conversion(model=applied.model, plan=the_plan, report=report)
+    conversion = Conversion(model=applied.model, plan=the_plan, report=report)
+    if strict and drift is not None and drift.failures:
+        raise ValidationFailed(drift)
+    return conversion

@@ -2,12 +2,13 @@
 
 Exit codes: 0 success; 2 usage error; otherwise the failing NormswapError class's ``exit_code``
 (1 other, 3 recipe, 4 unknown name, 5 plan, 6 trace/forward, 7 model or checkpoint, 8 unsafe
-checkpoint, 9 output exists, 10 data).
+checkpoint, 9 output exists, 10 data, 11 a validation threshold failed — outputs are still written).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,12 +19,9 @@ from .errors import NormswapError
 DEFAULT_DEMO_MODEL = "resnet18"
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "model",
-        nargs=None if required else "?",
-        metavar="MODEL",
-        help="timm model name, 'package.module:factory', or a saved normswap directory",
+        "model", metavar="MODEL", help="timm model name, 'package.module:factory', or a saved normswap directory"
     )
     p.add_argument("--pretrained", action="store_true", help="download timm hub weights (needs a network)")
     p.add_argument("--checkpoint", metavar="FILE", help="local weights: .safetensors, or a torch file (weights_only)")
@@ -44,22 +42,49 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="fact: classification, detection, segmentation, style-transfer, gan, video, other")
 
 
+def _add_validation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="validation inputs: a folder of images or a tensor file "
+        "(.safetensors, .npy, .pt); default: synthetic inputs (with a warning)",
+    )
+    p.add_argument("--batches", type=int, metavar="N", help="use at most N batches of the data")
+    p.add_argument("--validation-batch-size", type=int, default=8, metavar="N", help="default 8")
+    p.add_argument("--max-drift", type=float, metavar="X", help="exit 11 when an output's relative L2 exceeds X")
+    p.add_argument("--min-top1-agreement", type=float, metavar="X", help="exit 11 when top-1 agreement is below X")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normswap", description="Swap the normalization layers of PyTorch models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("recipes", help="list the built-in recipes")
     sub.add_parser("targets", help="list the registered targets")
+
     inspect = sub.add_parser("inspect", help="show the plan for MODEL; nothing is changed")
     _add_model_args(inspect)
     _add_plan_args(inspect)
     inspect.add_argument("--json", action="store_true", help="print the plan as JSON")
-    convert = sub.add_parser("convert", help="convert MODEL and write weights, plan and report")
+
+    convert = sub.add_parser("convert", help="convert MODEL; write weights, plan and reports")
     _add_model_args(convert)
     _add_plan_args(convert)
     convert.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
     convert.add_argument("--force", action="store_true", help="replace an existing output directory")
     convert.add_argument("--no-validate", action="store_true", help="skip the drift check")
+    _add_validation_args(convert)
+
+    validate = sub.add_parser("validate", help="measure drift between ORIGINAL and a CONVERTED saved directory")
+    _add_model_args(validate)
+    validate.add_argument("converted", metavar="CONVERTED", help="a directory written by normswap convert")
+    validate.add_argument("--output", "-o", metavar="DIR", help="write report.json/.md/.html to DIR")
+    validate.add_argument("--force", action="store_true", help="replace an existing output directory")
+    _add_validation_args(validate)
+
+    report = sub.add_parser("report", help="re-render a saved report (terminal, report.md, report.html)")
+    report.add_argument("directory", metavar="DIR")
+
     demo = sub.add_parser(
         "demo", help=f"end to end on a locally built timm {DEFAULT_DEMO_MODEL}: plan, convert, validate, report, reload"
     )
@@ -87,6 +112,26 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console()
+
+
+def _data(model: Any, args: argparse.Namespace) -> Any:
+    """Validation inputs as the CLI gives them, checked once and limited to --batches."""
+    from .data import load_inputs
+
+    size = args.validation_batch_size
+    limit = args.batches * size if args.batches else None
+    example = _input_size(getattr(args, "input_size", None))
+    shape = tuple(example.shape) if example is not None else None
+    return load_inputs(model, args.data, batch_size=size, limit=limit, example_shape=shape)
+
+
+def _verdict_code(drift: Any) -> int:
+    from .drift import ValidationFailed
+
+    if drift is not None and drift.failures:
+        print("normswap: validation failed: " + "; ".join(drift.failures), file=sys.stderr)
+        return ValidationFailed.exit_code
+    return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -131,62 +176,134 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import api, io
+    from .errors import OutputExistsError
     from .models import resolve_model
 
-    model, spec = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
     if Path(args.output).exists() and not args.force:
-        from .errors import OutputExistsError
-
         raise OutputExistsError(f"output directory {args.output!r} exists; pass --force to replace it.")
+    model, spec = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
+    data = None if args.no_validate else _data(model, args)
     conversion = api.convert(
-        model, args.recipe, _input_size(args.input_size), validate=not args.no_validate, **_facts(args)
+        model,
+        args.recipe,
+        _input_size(args.input_size),
+        validate=not args.no_validate,
+        data=data,
+        max_drift=args.max_drift,
+        min_top1_agreement=args.min_top1_agreement,
+        **_facts(args),
     )
     io.save(conversion, args.output, force=args.force, model_spec=spec)
     _print_conversion(conversion, args.output)
-    return 0
+    return _verdict_code(conversion.report.drift)
 
 
 def _print_conversion(conversion: Any, output: str) -> None:
-    from .render import print_plan, report_lines
+    from .render import print_plan, print_report
 
     console = _console()
     print_plan(conversion.plan, console, max_rows=12)
-    for line in report_lines(conversion.report):
-        console.print(line, highlight=False)
-    console.print(f"wrote {output}/ (model.safetensors, plan.json, report.json, report.md)", highlight=False)
+    print_report(conversion.report, console)
+    console.print(f"wrote {output}/ (model.safetensors, plan.json, report.json/.md/.html)", highlight=False)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from . import io
+    from .drift import validate
+    from .errors import OutputExistsError
+    from .models import resolve_model
+    from .render import print_report
+
+    if args.output and Path(args.output).exists() and not args.force:
+        raise OutputExistsError(f"output directory {args.output!r} exists; pass --force to replace it.")
+    original, spec = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
+    plan = io.read_plan(args.converted)
+    converted = io.load(args.converted, _fresh_instance(args.converted, spec))
+    drift = validate(
+        original,
+        converted,
+        _data(original, args),
+        plan=plan,
+        max_drift=args.max_drift,
+        min_top1_agreement=args.min_top1_agreement,
+        progress=True,
+    )
+    saved = io.read_report(args.converted) if (Path(args.converted) / "report.json").is_file() else None
+    report = dataclasses.replace(saved, drift=drift) if saved else _report_from_drift(plan, drift)
+    print_report(report, _console())
+    if args.output:
+        with io.atomic_directory(args.output, args.force) as tmp:
+            io.write_reports(report, plan, tmp)
+    return _verdict_code(drift)
+
+
+def _fresh_instance(converted: str, original_spec: dict[str, Any]) -> Any:
+    """A fresh instance of the original architecture for the saved plan to be replayed onto."""
+    from .io import read_meta
+    from .models import build_from_spec
+
+    spec = read_meta(converted).get("model") or original_spec
+    if not spec:
+        raise NormswapError(f"{converted} does not say how to build its architecture, and neither does ORIGINAL.")
+    return build_from_spec(spec)
+
+
+def _report_from_drift(plan: Any, drift: Any) -> Any:
+    from .types import Report
+
+    return Report(
+        model_cls=plan.model_cls,
+        recipe=plan.recipe,
+        facts=plan.facts,
+        plan_summary=plan.summary(),
+        swaps=(),
+        warnings=(),
+        timings={},
+        params_before=drift.original.parameters,
+        params_after=drift.converted.parameters,
+        buffers_before=drift.original.buffers,
+        buffers_after=drift.converted.buffers,
+        batchnorm_left=(),
+        drift=drift,
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import io
+    from .render import print_report
+
+    report = io.read_report(args.directory)
+    plan = io.read_plan(args.directory) if (Path(args.directory) / io.PLAN).is_file() else None
+    print_report(report, _console())
+    io.write_reports(report, plan, args.directory)
+    return _verdict_code(report.drift)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import api, io
-    from .checks import batch_dependence
     from .models import create_timm
 
     console = _console()
     model = create_timm(DEFAULT_DEMO_MODEL).eval()
-    x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     console.print(
         f"[bold]normswap demo[/bold]: timm {DEFAULT_DEMO_MODEL} (built locally, random weights), "
-        f"recipe small-batch for batch size 2",
+        "recipe small-batch for a per-device batch of 2",
         highlight=False,
     )
-    conversion = api.convert(model, "small-batch", x[:1], batch_size=2)
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    conversion = api.convert(model, "small-batch", x, batch_size=2)
     out = Path(args.output) / f"{DEFAULT_DEMO_MODEL}-small-batch"
     io.save(conversion, out, force=True, model_spec={"timm": DEFAULT_DEMO_MODEL})
     _print_conversion(conversion, str(out))
-    before, after = batch_dependence(model, x), batch_dependence(conversion.model, x)
-    console.print(
-        f"train-mode batch dependence (0 = samples independent): original {before:.3g}, converted {after:.3g}",
-        highlight=False,
-    )
     reloaded = io.load(out)
-    same = all(
-        torch.equal(a, b)
-        for a, b in zip(conversion.model.state_dict().values(), reloaded.state_dict().values(), strict=True)
-    )
-    console.print(f"reloaded from {out}: weights bit-identical = {same}", highlight=False)
-    return 0 if same and after < 1e-4 else 1
+    expected, got = conversion.model.state_dict(), reloaded.state_dict()
+    same = expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    console.print(f"reloaded {out}: weights bit-identical = {same}", highlight=False)
+    drift = conversion.report.drift
+    independent = drift is not None and (drift.converted.batch_dependence or 0.0) < 1e-4
+    return 0 if same and independent else 1
 
 
 COMMANDS = {
@@ -194,6 +311,8 @@ COMMANDS = {
     "targets": cmd_targets,
     "inspect": cmd_inspect,
     "convert": cmd_convert,
+    "validate": cmd_validate,
+    "report": cmd_report,
     "demo": cmd_demo,
 }
 
@@ -208,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"normswap: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("normswap: interrupted; nothing was written.", file=sys.stderr)
+        print("normswap: interrupted; no output was left half-written.", file=sys.stderr)
         return 130
 
 

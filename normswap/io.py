@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, OutputExistsError, PlanError, UnsafeCheckpointError
-from .types import Conversion, Plan
+from .types import Conversion, Plan, Report
 
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
@@ -77,16 +77,38 @@ def save(
     """
     from safetensors.torch import save_model
 
-    from .render import report_markdown
-
     with atomic_directory(directory, force) as tmp:
         save_model(conversion.model, str(tmp / WEIGHTS))
         (tmp / PLAN).write_text(conversion.plan.to_json(), encoding="utf-8")
-        (tmp / "report.json").write_text(conversion.report.to_json(), encoding="utf-8")
-        (tmp / "report.md").write_text(report_markdown(conversion.report, conversion.plan), encoding="utf-8")
+        write_reports(conversion.report, conversion.plan, tmp)
         meta = {"format": FORMAT_VERSION, "model": dict(model_spec or {}), "recipe": conversion.plan.recipe}
         (tmp / META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return Path(directory)
+
+
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+def write_reports(report: Report, plan: Plan | None, directory: str | Path) -> None:
+    """report.json (schema-versioned), report.md and a self-contained report.html, each atomically."""
+    from .html import report_html
+    from .render import report_markdown
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / "report.json", report.to_json())
+    write_text_atomic(folder / "report.md", report_markdown(report, plan))
+    write_text_atomic(folder / "report.html", report_html(report, plan))
+
+
+def read_report(directory: str | Path) -> Report:
+    path = Path(directory) / "report.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{directory} holds no report.json; was it written by normswap convert or validate?")
+    try:
+        return Report.from_json(path.read_text(encoding="utf-8"))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not a normswap report ({type(exc).__name__}: {exc}).") from exc
 
 
 def is_saved_conversion(path: str | Path) -> bool:

@@ -6,7 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .types import Plan, Report
+from .types import DriftReport, OutputDrift, Plan, Report
 
 
 def plan_table(plan: Plan, max_rows: int | None = None, wide: bool = True) -> Table:
@@ -77,38 +77,119 @@ def print_plan(plan: Plan, console: Console | None = None, max_rows: int | None 
         console.print(line, highlight=False)
 
 
+def fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{1000 * seconds:.1f} ms"
+
+
+def output_line(o: OutputDrift) -> str:
+    line = f"{o.name}: rel L2 {fmt(o.relative_l2)} · cos {fmt(o.cosine)} · max abs {fmt(o.max_abs)}"
+    if o.top1_agreement is not None:
+        line += f" · top-1 {pct(o.top1_agreement)} · top-5 {pct(o.top5_agreement)} · KL {fmt(o.kl_divergence)}"
+    return line
+
+
+def drift_lines(drift: DriftReport) -> list[str]:
+    """The drift figures as plain lines (terminal, Markdown)."""
+    lines = [f"verdict: {drift.verdict.upper()} · inputs: {drift.input_description} ({drift.input_source})"]
+    lines += [output_line(o) for o in drift.outputs[:4]]
+    if len(drift.outputs) > 4:
+        lines.append(f"… {len(drift.outputs) - 4} more output leaves (worst rel L2 {fmt(drift.worst_relative_l2)})")
+    o, c = drift.original, drift.converted
+    lines.append(
+        f"batch dependence (train, 0 = independent): {fmt(o.batch_dependence, 3)} → {fmt(c.batch_dependence, 3)}"
+    )
+    lines.append(f"train/eval gap of the converted model: {fmt(drift.train_eval_gap, 3)}")
+    lines.append(
+        f"latency per batch: {ms(o.latency_s)} → {ms(c.latency_s)} · "
+        f"peak forward memory: {size(o.peak_memory_bytes)} → {size(c.peak_memory_bytes)}"
+    )
+    lines.append(f"parameters {o.parameters:,} → {c.parameters:,} · buffers {o.buffers:,} → {c.buffers:,}")
+    lines += [f"FAILED: {f}" for f in drift.failures]
+    lines += [f"warning: {w}" for w in drift.warnings]
+    return lines
+
+
+def worst_sites_table(drift: DriftReport, n: int = 5) -> Table:
+    table = Table(title="where drift enters (worst local drift)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("#", "site", "target", "local rel L2", "cumulative rel L2"):
+        table.add_column(column, overflow="fold")
+    for s in drift.worst_sites(n):
+        table.add_row(str(s.order), s.path, s.target, fmt(s.local_relative_l2, 3), fmt(s.relative_l2, 3))
+    return table
+
+
 def report_lines(report: Report) -> list[str]:
     lines = [
         f"{report.model_cls.rsplit('.', 1)[-1]} · recipe {report.recipe} · "
         f"{len(report.swaps)} sites converted · BatchNorm left: {len(report.batchnorm_left)}"
     ]
-    lines.append(
-        f"parameters {report.params_before:,} → {report.params_after:,}; "
-        f"buffers {report.buffers_before:,} → {report.buffers_after:,}"
-    )
-    if report.drift:
-        lines.append(
-            "output drift (eval, example inputs): " + ", ".join(f"{k} {v:.4g}" for k, v in report.drift.items())
-        )
     lines.append("time: " + ", ".join(f"{k} {v:.3f}s" for k, v in report.timings.items()))
     lines += [f"warning: {w}" for w in report.warnings]
     return lines
 
 
-def report_markdown(report: Report, plan: Plan) -> str:
-    out = [
-        f"# normswap report: {report.model_cls}",
-        "",
-        *[f"- {line}" for line in report_lines(report)],
-        "",
-        "| site | from | to | transfer |",
-        "|---|---|---|---|",
-    ]
+def print_report(report: Report, console: Console | None = None) -> None:
+    """The terminal summary: verdict, main figures, the worst sites; readable in 80 columns."""
+    console = console or Console()
+    for line in report_lines(report):
+        console.print(line, highlight=False)
+    if report.drift is not None:
+        print_drift(report.drift, console)
+
+
+def print_drift(drift: DriftReport, console: Console | None = None) -> None:
+    console = console or Console()
+    style = {"pass": "bold green", "fail": "bold red"}.get(drift.verdict, "bold")
+    lines = drift_lines(drift)
+    console.print(lines[0], style=style, highlight=False)
+    for line in lines[1:]:
+        console.print(line, highlight=False, style="red" if line.startswith("FAILED") else None)
+    if drift.worst_sites():
+        console.print(worst_sites_table(drift))
+
+
+def report_markdown(report: Report, plan: Plan | None = None) -> str:
+    out = [f"# normswap report: {report.model_cls}", "", *[f"- {line}" for line in report_lines(report)], ""]
+    if report.drift is not None:
+        out += ["## Drift", "", *[f"- {line}" for line in drift_lines(report.drift)], ""]
+        out += [
+            "### Per site, in execution order",
+            "",
+            "| # | site | target | local rel L2 | cumulative rel L2 | cumulative cos |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {s.order} | {s.path} | {s.target} | {fmt(s.local_relative_l2, 3)} | {fmt(s.relative_l2, 3)} | "
+            f"{fmt(s.cosine, 3)} |"
+            for s in report.drift.sites
+        ]
+        out.append("")
+    out += ["## Swaps", "", "| site | from | to | transfer |", "|---|---|---|---|"]
     out += [
         f"| {s.path} | {s.old_cls.rsplit('.', 1)[-1]} | {s.new_cls.rsplit('.', 1)[-1]} | {s.transfer} |"
         for s in report.swaps
     ]
-    out += ["", "## Plan", "", "```", plan_text(plan).rstrip(), "```", ""]
+    if plan is not None:
+        out += ["", "## Plan", "", "```", plan_text(plan).rstrip(), "```"]
+    out.append("")
     return "\n".join(out)
 
 

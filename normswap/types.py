@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import PlanError, UnknownNameError, unknown_name
@@ -257,6 +257,108 @@ class SwapRecord:
     replaced: tuple[str, ...]
 
 
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OutputDrift:
+    """Original vs converted at one output leaf (``output``, ``output[0]``, ``output['boxes']`` …).
+
+    ``top5_agreement`` is the share of samples whose original top-1 class is among the converted
+    model's top 5; ``kl_divergence`` is KL(original softmax ‖ converted softmax), mean per sample. Both
+    only for classifier-shaped leaves (N×K, K > 1)."""
+
+    name: str
+    shape: tuple[int, ...]
+    relative_l2: float | None
+    cosine: float | None
+    max_abs: float
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None
+    kl_divergence: float | None = None
+
+
+@dataclass(frozen=True)
+class SiteDrift:
+    """Drift at one converted site, in execution order.
+
+    ``local_relative_l2`` is the site's own error: the converted layer against the original layer on
+    the same (converted-model) input, so it shows where drift enters. ``relative_l2``/``cosine``
+    compare the activation after the site with the original model's at the same path, so they show how
+    drift accumulates with depth."""
+
+    path: str
+    target: str
+    order: int
+    calls: int
+    local_relative_l2: float | None
+    relative_l2: float | None
+    cosine: float | None
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Cost and behaviour of one model on the validation inputs."""
+
+    parameters: int
+    buffers: int
+    latency_s: float | None
+    peak_memory_bytes: int | None
+    batch_dependence: float | None
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """What :func:`normswap.validate` measured, and whether the thresholds held."""
+
+    input_source: str
+    input_description: str
+    num_samples: int
+    outputs: tuple[OutputDrift, ...]
+    sites: tuple[SiteDrift, ...]
+    original: ModelStats
+    converted: ModelStats
+    train_eval_gap: float | None
+    thresholds: Mapping[str, float]
+    failures: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def verdict(self) -> str:
+        if self.failures:
+            return "fail"
+        return "pass" if self.thresholds else "measured"
+
+    @property
+    def headline(self) -> OutputDrift:
+        return self.outputs[0]
+
+    @property
+    def worst_relative_l2(self) -> float | None:
+        values = [o.relative_l2 for o in self.outputs]
+        return None if any(v is None for v in values) else max(values)  # type: ignore[type-var]
+
+    def worst_sites(self, n: int = 5) -> list[SiteDrift]:
+        scored = [s for s in self.sites if s.local_relative_l2 is not None]
+        return sorted(scored, key=lambda s: -(s.local_relative_l2 or 0.0))[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["verdict"] = self.verdict
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DriftReport:
+        values = {k: v for k, v in data.items() if k != "verdict"}
+        values["outputs"] = tuple(OutputDrift(**(o | {"shape": tuple(o["shape"])})) for o in data["outputs"])
+        values["sites"] = tuple(SiteDrift(**s) for s in data["sites"])
+        values["original"] = ModelStats(**data["original"])
+        values["converted"] = ModelStats(**data["converted"])
+        values["failures"] = tuple(data["failures"])
+        values["warnings"] = tuple(data["warnings"])
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class Report:
     """What a conversion did and how it changed the model; rendered by ``normswap.render``."""
@@ -273,17 +375,36 @@ class Report:
     buffers_before: int
     buffers_after: int
     batchnorm_left: tuple[str, ...]
-    drift: Mapping[str, Any] | None = None
-    schema_version: int = 1
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    drift: DriftReport | None = None
+    schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["facts"] = self.facts.to_dict()
+        data["drift"] = self.drift.to_dict() if self.drift is not None else None
         return data
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        version = data.get("schema_version")
+        if version != REPORT_SCHEMA_VERSION:
+            raise PlanError(
+                f"report schema version {version!r} is not supported (this normswap reads {REPORT_SCHEMA_VERSION})."
+            )
+        values = dict(data)
+        values["facts"] = Facts(**data.get("facts", {}))
+        values["swaps"] = tuple(SwapRecord(**(s | {"replaced": tuple(s["replaced"])})) for s in data["swaps"])
+        values["warnings"] = tuple(data["warnings"])
+        values["batchnorm_left"] = tuple(data["batchnorm_left"])
+        values["drift"] = DriftReport.from_dict(data["drift"]) if data.get("drift") else None
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)

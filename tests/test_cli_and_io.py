@@ -52,6 +52,7 @@ def test_convert_writes_weights_plan_and_report_and_reloads(tmp_path, capsys):
         "plan.json",
         "report.json",
         "report.md",
+        "report.html",
         "normswap.json",
     }
     report = json.loads((out / "report.json").read_text())
