@@ -1,0 +1,1054 @@
+"""The timm zoo sweep: every BatchNorm model in timm through normswap's recipes, next to Opacus.
+
+    python benchmarks/zoo.py --fast                       # one model per timm module (its smallest BN model)
+    python benchmarks/zoo.py --full                       # every timm model that contains BatchNorm
+    python benchmarks/zoo.py --models resnet18,levit_128s # just these
+    python benchmarks/zoo.py --fast --max-size 64 --write # run (resuming), then render into BENCHMARKS.md
+    python benchmarks/zoo.py --fast --write --no-run      # render what is recorded
+
+Each model runs in its own process (forked from a forkserver that has torch, timm and normswap
+imported) under a wall-clock limit, so a hang or a crash costs one model, not the sweep. Every result is
+appended as one JSON line to ``benchmarks/results/zoo-<mode>.jsonl``; a restart skips the models
+already recorded (``--retry-failed`` redoes those that timed out or crashed).
+
+Per model and recipe (small-batch, sequence, dp, fold) it records how each site's context was learned,
+sites found against BatchNorm modules present, BatchNorm left, output shape, batch independence
+(small-batch, dp), fold exactness, plan round-trip (JSON and bit-exact replay onto a fresh instance),
+conversion time against one batch-1 eval forward, and peak memory; and Opacus ``ModuleValidator.fix``
+on the same model: BatchNorm left, whether the result runs, fix time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import timm
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import normswap
+import normswap.io
+from normswap.apply import batchnorm_left
+from normswap.checks import first_tensor
+from normswap.tracing import model_state_guard, trace_graph
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+SECTION = "zoo"
+
+RECIPES = ("small-batch", "sequence", "dp", "fold")
+INDEPENDENCE_RECIPES = ("small-batch", "dp")  # the recipes that promise samples independent in train mode
+NO_BN_RECIPES = ("small-batch", "dp")  # the recipes that promise no BatchNorm left
+INDEPENDENT = 1e-4  # batch_dependence below this: samples independent
+FOLD_EXACT = 1e-5  # relative L2 of eval outputs, original vs folded
+BATCH = 2  # the smallest batch that can show batch dependence
+FAILED_STATUSES = ("timeout", "crashed")
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Enumeration
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    family: str  # the timm module that registers the model
+    params: int
+    bn_modules: int
+    bn_classes: dict[str, int]
+
+
+def families() -> dict[str, str]:
+    """Model name -> the timm module that registers it (timm's own notion of a model family)."""
+    return {name: module for module in timm.list_modules() for name in timm.list_models(module=module)}
+
+
+def count_batchnorm(model: nn.Module) -> Counter[str]:
+    """BatchNorm module objects by class name (shared modules counted once, as named_modules does)."""
+    return Counter(type(m).__name__ for m in model.modules() if isinstance(m, _BatchNorm))
+
+
+def meta_describe(name: str, family: str) -> ZooModel:
+    # The meta device allocates nothing, so all ~1400 timm models can be sized and searched for
+    # BatchNorm in a couple of minutes.
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    bn = count_batchnorm(model)
+    return ZooModel(name, family, sum(p.numel() for p in model.parameters()), sum(bn.values()), dict(bn))
+
+
+def index_path() -> Path:
+    return RESULTS / "zoo-index.json"
+
+
+def load_index(progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Every timm model built on the meta device, cached per timm/torch version (it takes minutes)."""
+    versions = {"timm": timm.__version__, "torch": torch.__version__}
+    path = index_path()
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("versions") == versions:
+            return cached
+    started = time.perf_counter()
+    owner = families()
+    names = timm.list_models()
+    models, failed = [], {}
+    for i, name in enumerate(names):
+        if progress:
+            progress(i, len(names), name)
+        try:
+            models.append(asdict(meta_describe(name, owner.get(name, "?"))))
+        except Exception as exc:  # recorded, not fatal: the index is a survey
+            failed[name] = error_info(exc)["error"]
+    index = {
+        "versions": versions,
+        "listed": len(names),
+        "failed": failed,
+        "seconds": time.perf_counter() - started,
+        "models": models,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    normswap.io.write_text_atomic(path, json.dumps(index, indent=1))
+    return index
+
+
+def bn_models(index: dict[str, Any]) -> list[ZooModel]:
+    return [ZooModel(**m) for m in index["models"] if m["bn_modules"] > 0]
+
+
+def representatives(models: Sequence[ZooModel]) -> list[ZooModel]:
+    """The smallest BatchNorm model (by parameter count) of each timm module."""
+    best: dict[str, ZooModel] = {}
+    for m in models:
+        if m.family not in best or (m.params, m.name) < (best[m.family].params, best[m.family].name):
+            best[m.family] = m
+    return sorted(best.values(), key=lambda m: m.family)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building models and inputs
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-default affine and running statistics, as training would, so that
+    transfer and folding are measured on numbers that differ from the initial ones."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                c = m.num_features
+                if m.affine:
+                    m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                if m.running_mean is not None and m.running_var is not None:
+                    m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return model
+
+
+def build_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_batchnorm(timm.create_model(name, pretrained=False), seed).eval()
+
+
+def example(size: Sequence[int], batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn((batch, *size), generator=torch.Generator().manual_seed(seed))
+
+
+def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return first_tensor(model(x))
+    finally:
+        model.train(was_training)
+
+
+def pick_input_size(model: nn.Module, max_size: int | None) -> tuple[tuple[int, ...], str | None]:
+    """The model's default input size, capped at ``max_size`` where the model accepts that; else the
+    default size and the reason the smaller one failed (levit and others fix their resolution)."""
+    default = tuple(int(s) for s in model.pretrained_cfg["input_size"])
+    if not max_size or max(default[1:]) <= max_size:
+        return default, None
+    small = (default[0], *(min(s, max_size) for s in default[1:]))
+    try:
+        # The guard undoes what a failed forward may leave behind (attention-bias caches and the like).
+        with model_state_guard(model):
+            eval_output(model, example(small, BATCH))
+        return small, None
+    except Exception as exc:
+        return default, error_info(exc)["error"]
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / a.norm().clamp_min(1e-12))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def error_info(exc: BaseException) -> dict[str, str]:
+    """First line of the error, the innermost normswap frame it passed through, and where it arose."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    frames = traceback.extract_tb(exc.__traceback__) + traceback.extract_tb(root.__traceback__)
+    ours = [f for f in frames if f"{os.sep}normswap{os.sep}" in f.filename]
+
+    def where(f: traceback.FrameSummary) -> str:
+        parts = Path(f.filename).parts
+        short = "/".join(parts[-2:])
+        return f"{short}:{f.lineno} {f.name}"
+
+    info = {"error": f"{type(exc).__name__}: {message}"[:400]}
+    if ours:
+        info["normswap_frame"] = where(ours[-1])
+    root_frames = traceback.extract_tb(root.__traceback__)
+    if root_frames:
+        info["origin"] = where(root_frames[-1])
+        if root is not exc:
+            info["cause"] = f"{type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else ''}"[
+                :300
+            ]
+    return info
+
+
+def attempt(errors: dict[str, Any], step: str, fn: Callable[[], T]) -> T | None:
+    """Run one measurement; a failure is recorded under ``step`` and the sweep goes on."""
+    try:
+        return fn()
+    except Exception as exc:
+        errors[step] = error_info(exc)
+        return None
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so each conversion gets its own peak.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def peak_rss_mib() -> Iterator[dict[str, float | None]]:
+    """Peak resident memory above the starting RSS while the block runs (Linux VmHWM, in MiB).
+    tracemalloc would miss tensor storage, which torch allocates outside Python's allocator."""
+    result: dict[str, float | None] = {"peak_mib": None}
+    before = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    yield result
+    peak = _status_kib("VmHWM")
+    if reset and before is not None and peak is not None:
+        result["peak_mib"] = max(0, peak - before) / 1024
+
+
+def timed_forward(model: nn.Module, x: torch.Tensor) -> float:
+    started = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    return time.perf_counter() - started
+
+
+def count_fx_nodes(model: nn.Module) -> tuple[int, float]:
+    """Nodes of normswap's own trace (what conversion time should scale with) and the trace time."""
+    with model_state_guard(model):
+        started = time.perf_counter()
+        graph = trace_graph(model)
+        return len(graph.nodes), time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def reseeded_forwards(model: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Reseed torch before every forward of ``model`` (and of its deep copies), so dropout and drop-path
+    draw the same masks in both passes of batch_dependence: what remains is the batch's influence."""
+    def reseed(_module: nn.Module, _args: tuple[Any, ...]) -> None:
+        torch.manual_seed(seed)
+
+    handle = model.register_forward_pre_hook(reseed)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def batch_dependence(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """normswap.batch_dependence as is (dropout noise counts) and with dropout masks held fixed."""
+    raw = normswap.batch_dependence(model, x)
+    with reseeded_forwards(model):
+        fixed = normswap.batch_dependence(model, x)
+    return {"batch_dependence": fixed, "batch_dependence_raw": raw}
+
+
+def plan_stats(plan: normswap.Plan, bn_present: int) -> dict[str, Any]:
+    learned = Counter(e.site.learned_by for e in plan.entries)
+    module_sites = sum(e.site.kind == "module" for e in plan.entries)
+    return {
+        "trace": plan.trace,
+        "trace_error": plan.trace_error,
+        "learned_by": {k: learned.get(k, 0) for k in ("fx", "eager", "none")},
+        "sites": len(plan.entries),
+        "module_sites": module_sites,
+        "functional_sites": len(plan.entries) - module_sites,
+        "sites_match_bn": module_sites == bn_present,
+        "summary": plan.summary(),
+        "converted_sites": len(plan.conversions),
+    }
+
+
+def timed_convert(model: nn.Module, recipe: str, x: torch.Tensor) -> tuple[normswap.Conversion, float, float | None]:
+    with peak_rss_mib() as memory:
+        started = time.perf_counter()
+        conversion = normswap.convert(model, recipe, example_inputs=x, validate=False, batch_size=BATCH)
+        seconds = time.perf_counter() - started
+    return conversion, seconds, memory["peak_mib"]
+
+
+def round_trip(plan: normswap.Plan, converted: nn.Module, fresh: nn.Module, x: torch.Tensor) -> dict[str, bool]:
+    """The plan survives JSON, and replayed onto a fresh instance (other weights) and loaded with the
+    converted state_dict it gives the converted model's outputs bit for bit."""
+    reread = normswap.Plan.from_json(plan.to_json())
+    replayed = normswap.apply_plan(fresh, reread)
+    replayed.load_state_dict(converted.state_dict())
+    return {
+        "roundtrip_json": reread == plan,
+        "roundtrip_exact": bool(torch.equal(eval_output(converted, x), eval_output(replayed, x))),
+    }
+
+
+@dataclass
+class Inputs:
+    timing: torch.Tensor  # batch 1 at the timing size: what conversion and the reference forward see
+    check: torch.Tensor  # batch 2 at the check size: outputs, batch independence, round trip
+    reference: torch.Tensor  # the original model's eval output on ``check``
+
+
+def run_recipe(model: nn.Module, fresh: nn.Module, recipe: str, inputs: Inputs, rounds: int) -> dict[str, Any]:
+    """Convert ``rounds`` times (forward timed in the same rounds, so machine load hits both alike),
+    then check the last conversion."""
+    out: dict[str, Any] = {"errors": {}}
+    errors = out["errors"]
+    forwards, converts, plans, peaks = [], [], [], []
+    conversion = None
+    for _ in range(rounds):
+        forwards.append(timed_forward(model, inputs.timing))
+        result = attempt(errors, "convert", lambda: timed_convert(model, recipe, inputs.timing))
+        if result is None:
+            break
+        conversion, seconds, peak = result
+        converts.append(seconds)
+        plans.append(conversion.report.timings["plan_s"])
+        peaks.append(peak)
+    if converts:
+        out.update(
+            forward_s=statistics.median(forwards),
+            convert_s=statistics.median(converts),
+            plan_s=statistics.median(plans),
+            ratio=statistics.median(converts) / statistics.median(forwards),
+            peak_mib=max((p for p in peaks if p is not None), default=None),
+        )
+    if conversion is not None and inputs.check.shape[1:] != inputs.timing.shape[1:]:
+        conversion = attempt(errors, "convert-check", lambda: normswap.convert(
+            model, recipe, example_inputs=inputs.check[:1], validate=False, batch_size=BATCH
+        ))
+    if conversion is None:
+        out["ok"] = False
+        return out
+    out["ok"] = True
+    out.update(plan_stats(conversion.plan, sum(count_batchnorm(model).values())))
+    converted = conversion.model
+    out["bn_left"] = len(batchnorm_left(converted))
+    out["graph_module"] = isinstance(converted, fx.GraphModule)
+    output = attempt(errors, "output", lambda: eval_output(converted, inputs.check))
+    if output is not None:
+        out["shape_equal"] = tuple(output.shape) == tuple(inputs.reference.shape)
+        out["rel_l2"] = relative_l2(inputs.reference, output) if out["shape_equal"] else None
+    if recipe in INDEPENDENCE_RECIPES:
+        out.update(attempt(errors, "batch-dependence", lambda: batch_dependence(converted, inputs.check)) or {})
+    if recipe == "fold":
+        out["folded_sites"] = sum(e.target == "fold" for e in conversion.plan.conversions)
+    out.update(attempt(errors, "roundtrip", lambda: round_trip(conversion.plan, converted, fresh, inputs.check)) or {})
+    return out
+
+
+def run_opacus(model: nn.Module, x: torch.Tensor, rounds: int) -> dict[str, Any]:
+    """Opacus' own fix for BatchNorm (GroupNorm, parameters not carried over): what is left, does it run."""
+    from opacus.validators import ModuleValidator
+
+    out: dict[str, Any] = {"errors": {}}
+    times, fixed = [], None
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fixed = attempt(out["errors"], "fix", lambda: ModuleValidator.fix(model))
+        if fixed is None:
+            return out
+        times.append(time.perf_counter() - started)
+    assert fixed is not None
+    out["fix_s"] = statistics.median(times)
+    out["bn_left"] = sum(count_batchnorm(fixed).values())
+    out["bn_left_classes"] = dict(count_batchnorm(fixed))
+
+    def runs() -> bool:
+        fixed.train()
+        with torch.no_grad():
+            train_shape = first_tensor(fixed(x)).shape
+        return train_shape == eval_output(fixed, x).shape
+
+    out["runs"] = bool(attempt(out["errors"], "run", runs))
+    validation = attempt(out["errors"], "validate", lambda: ModuleValidator.validate(fixed, strict=False))
+    out["validate_errors"] = len(validation) if validation is not None else None
+    return out
+
+
+@dataclass
+class Options:
+    recipes: tuple[str, ...] = RECIPES
+    max_size: int | None = None
+    timing_size: str = "default"  # "default": time at the model's default input size; "check": the capped one
+    rounds: int = 3
+    opacus: bool = True
+    roundtrip_seed: int = 1
+    threads: int | None = None
+
+
+def run_model(name: str, family: str, opts: Options) -> dict[str, Any]:
+    """Everything measured for one model; failures are recorded per step, never raised."""
+    rec: dict[str, Any] = {"name": name, "family": family, "status": "ok", "errors": {}}
+    errors = rec["errors"]
+    model = attempt(errors, "build", lambda: build_model(name))
+    if model is None:
+        rec["status"] = "build-failed"
+        return rec
+    bn = count_batchnorm(model)
+    rec.update(params=sum(p.numel() for p in model.parameters()), bn_modules=sum(bn.values()), bn_classes=dict(bn))
+    default = tuple(int(s) for s in model.pretrained_cfg["input_size"])
+    check_size, fallback = pick_input_size(model, opts.max_size)
+    timing_size = default if opts.timing_size == "default" else check_size
+    rec.update(default_input=list(default), check_input=list(check_size), timing_input=list(timing_size))
+    if fallback:
+        rec["small_input_error"] = fallback
+    traced = attempt(errors, "fx-nodes", lambda: count_fx_nodes(model))
+    rec["fx_nodes"], rec["trace_s"] = traced if traced else (None, None)
+    x_check = example(check_size, BATCH)
+    reference = attempt(errors, "reference", lambda: eval_output(model, x_check))
+    if reference is None:
+        rec["status"] = "model-failed"
+        return rec
+    rec.update(attempt(errors, "orig-batch-dependence", lambda: batch_dependence(model, x_check)) or {})
+    inputs = Inputs(timing=example(timing_size, 1), check=x_check, reference=reference)
+    with torch.no_grad():
+        model(inputs.timing)  # warm-up: allocator and kernels, before anything is timed
+    fresh = build_model(name, seed=opts.roundtrip_seed)
+    rec["recipes"] = {r: run_recipe(model, fresh, r, inputs, opts.rounds) for r in opts.recipes}
+    if opts.opacus:
+        rec["opacus"] = run_opacus(model, x_check, opts.rounds)
+    rec["peak_rss_mib"] = (_status_kib("VmPeak") or 0) / 1024
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running the sweep: one process per model, results appended as JSON lines
+
+
+def _child(name: str, family: str, opts: Options, conn: Any, log: str) -> None:
+    # Output of timm/torch goes to the log, so the progress bar stays readable.
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    warnings.filterwarnings("ignore")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    print(f"== {name} ({family}) pid {os.getpid()}", flush=True)
+    try:
+        rec = run_model(name, family, opts)
+    except BaseException as exc:  # the parent must always get a line
+        rec = {"name": name, "family": family, "status": "crashed", "errors": {"run": error_info(exc)}}
+        traceback.print_exc()
+    conn.send(json.dumps(rec, default=str))
+    conn.close()
+
+
+def run_isolated(ctx: Any, name: str, family: str, opts: Options, timeout: float, log: Path) -> dict[str, Any]:
+    """One model in its own process, killed after ``timeout`` seconds."""
+    receive, send = ctx.Pipe(duplex=False)
+    started = time.perf_counter()
+    proc = ctx.Process(target=_child, args=(name, family, opts, send, str(log)), daemon=True)
+    proc.start()
+    send.close()
+    rec: dict[str, Any] | None = None
+    if receive.poll(timeout):
+        with contextlib.suppress(EOFError):
+            rec = json.loads(receive.recv())
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if rec is None:
+        status = "timeout" if time.perf_counter() - started >= timeout else "crashed"
+        rec = {
+            "name": name,
+            "family": family,
+            "status": status,
+            "errors": {"run": {"error": f"{status} (exit code {proc.exitcode}, limit {timeout:.0f} s)"}},
+        }
+    rec["wall_s"] = time.perf_counter() - started
+    rec["load_avg"] = os.getloadavg()[0]
+    return rec
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            with contextlib.suppress(json.JSONDecodeError):  # a torn last line from a kill
+                rec = json.loads(line)
+                records[rec["name"]] = rec  # a retried model: the later line wins
+    return list(records.values())
+
+
+def append_result(path: Path, rec: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def sweep(selected: Sequence[ZooModel], opts: Options, results: Path, timeout: float, retry_failed: bool) -> float:
+    """Run every selected model not yet recorded; returns this session's wall time."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done = {r["name"]: r for r in read_results(results)}
+    todo = [
+        m for m in selected if m.name not in done or (retry_failed and done[m.name]["status"] in FAILED_STATUSES)
+    ]
+    console = Console(stderr=True)
+    console.print(f"{len(selected)} selected, {len(selected) - len(todo)} already in {results}, {len(todo)} to run")
+    if not todo:
+        return 0.0
+    ctx = mp.get_context("forkserver")
+    # Imported once in the server; each model's process is a fork of it.
+    ctx.set_forkserver_preload(["__main__", "torch", "timm", "normswap", "opacus.validators"])
+    log = results.with_suffix(".log")
+    started = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("zoo", total=len(todo))
+        for m in todo:
+            progress.update(task, description=f"{m.family}: {m.name}")
+            rec = run_isolated(ctx, m.name, m.family, opts, timeout, log)
+            append_result(results, rec)
+            progress.console.print(one_line(rec))
+            progress.advance(task)
+    return time.perf_counter() - started
+
+
+def one_line(rec: dict[str, Any]) -> str:
+    failures = sorted(failure_keys(rec))
+    mark = "[green]ok[/]" if not failures else f"[red]{', '.join(failures)}[/]"
+    return f"{rec['name']:<32} {rec.get('wall_s', 0):6.1f} s  {mark}"
+
+
+def failure_keys(rec: dict[str, Any]) -> set[str]:
+    keys = {f"{step}" for step in rec.get("errors", {})}
+    for recipe, r in rec.get("recipes", {}).items():
+        keys |= {f"{recipe}/{step}" for step in r.get("errors", {})}
+        keys |= {f"{recipe}/{check}" for check in failed_checks(recipe, r)}
+    keys |= {f"opacus/{step}" for step in rec.get("opacus", {}).get("errors", {})}
+    return keys
+
+
+def failed_checks(recipe: str, r: dict[str, Any]) -> list[str]:
+    """Which promises a converted model broke (a conversion that raised is reported by its error)."""
+    if not r.get("ok"):
+        return []
+    bad = []
+    if recipe in NO_BN_RECIPES and r.get("bn_left"):
+        bad.append("bn-left")
+    if not r.get("sites_match_bn", True):
+        bad.append("sites-mismatch")
+    if r.get("shape_equal") is False:
+        bad.append("shape")
+    if recipe in INDEPENDENCE_RECIPES and r.get("batch_dependence", 0) >= INDEPENDENT:
+        bad.append("batch-dependent")
+    if recipe == "fold" and r.get("folded_sites") and (r.get("rel_l2") is None or r["rel_l2"] > FOLD_EXACT):
+        bad.append("fold-inexact")
+    if r.get("roundtrip_json") is False:
+        bad.append("roundtrip-json")
+    if r.get("roundtrip_exact") is False:
+        bad.append("roundtrip-inexact")
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering into BENCHMARKS.md
+
+
+def least_squares(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
+    """y = slope·x + intercept, with R²."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    slope = sxy / sxx if sxx else 0.0
+    intercept = my - slope * mx
+    ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys, strict=True))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return {"slope": slope, "intercept": intercept, "r2": 1 - ss_res / ss_tot if ss_tot else 1.0, "n": n}
+
+
+def _count(records: Sequence[dict[str, Any]], pred: Callable[[dict[str, Any]], bool]) -> int:
+    return sum(1 for r in records if pred(r))
+
+
+def _recipe(rec: dict[str, Any], recipe: str) -> dict[str, Any]:
+    return rec.get("recipes", {}).get(recipe, {})
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.{digits}g}"
+
+
+def _mmss(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def totals(records: Sequence[dict[str, Any]]) -> list[str]:
+    n = len(records)
+    ran = [r for r in records if "recipes" in r]
+    lines = [
+        f"- Models recorded: **{n}**; ran through the recipes: {len(ran)}; "
+        f"timed out: {_count(records, lambda r: r['status'] == 'timeout')}; "
+        f"crashed: {_count(records, lambda r: r['status'] == 'crashed')}; "
+        f"model itself failed (build or forward): {_count(records, lambda r: r['status'] in ('build-failed', 'model-failed'))}."
+    ]
+    for recipe in RECIPES:
+        rs = [_recipe(r, recipe) for r in ran if recipe in r.get("recipes", {})]
+        if not rs:
+            continue
+        ok = [x for x in rs if x.get("ok")]
+        parts = [f"converted {len(ok)}/{len(rs)}"]
+        left_in = _count(ok, lambda x: bool(x.get("bn_left")))
+        if recipe in NO_BN_RECIPES:
+            parts.append(f"**no BatchNorm left {_count(ok, lambda x: x.get('bn_left') == 0)}/{len(rs)}**")
+        elif recipe == "sequence":
+            parts.append(f"BatchNorm left in {left_in} (image BatchNorm is kept by design)")
+        else:
+            parts.append(f"BatchNorm left in {left_in}")
+        parts.append(f"sites found = BatchNorm modules {_count(ok, lambda x: x.get('sites_match_bn'))}/{len(ok)}")
+        parts.append(f"output shape equal {_count(ok, lambda x: x.get('shape_equal'))}/{len(ok)}")
+        if recipe in INDEPENDENCE_RECIPES:
+            parts.append(
+                f"**batch-independent (< {INDEPENDENT:g}) {_count(ok, lambda x: x.get('batch_dependence', 1) < INDEPENDENT)}/{len(ok)}**"
+            )
+        if recipe == "fold":
+            applicable = [x for x in ok if x.get("folded_sites")]
+            exact = _count(applicable, lambda x: x.get("rel_l2") is not None and x["rel_l2"] <= FOLD_EXACT)
+            parts.append(f"**fold exact (≤ {FOLD_EXACT:g} relative L2) {exact}/{len(applicable)}** where it folds")
+        parts.append(
+            f"plan round-trip: JSON {_count(ok, lambda x: x.get('roundtrip_json'))}/{len(ok)}, "
+            f"bit-exact replay {_count(ok, lambda x: x.get('roundtrip_exact'))}/{len(ok)}"
+        )
+        lines.append(f"- `{recipe}`: " + "; ".join(parts) + ".")
+    plans = [_recipe(r, "small-batch") for r in ran if _recipe(r, "small-batch").get("ok")]
+    learned = Counter()
+    for p in plans:
+        learned.update(p.get("learned_by", {}))
+    traces = Counter(p.get("trace") for p in plans)
+    lines.append(
+        f"- How site context was learned (`small-batch` plans): sites by fx {learned['fx']}, by eager hooks "
+        f"{learned['eager']}, not at all {learned['none']}; models traced by fx {traces['fx']}, "
+        f"eager fallback {traces['eager']}."
+    )
+    ops = [r["opacus"] for r in ran if "opacus" in r]
+    if ops:
+        fixed = [o for o in ops if "fix_s" in o]
+        lines.append(
+            f"- Opacus `ModuleValidator.fix`: fixed {len(fixed)}/{len(ops)}; **no BatchNorm left "
+            f"{_count(fixed, lambda o: o.get('bn_left') == 0)}/{len(ops)}**; fixed model runs "
+            f"{_count(fixed, lambda o: o.get('runs'))}/{len(ops)}; models where it left BatchNorm "
+            f"{_count(fixed, lambda o: bool(o.get('bn_left')))} "
+            f"({sum(o.get('bn_left', 0) for o in fixed)} modules)."
+        )
+    return lines
+
+
+def ratio_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for recipe in RECIPES:
+        pairs = [(r["name"], _recipe(r, recipe)["ratio"]) for r in records if "ratio" in _recipe(r, recipe)]
+        if not pairs:
+            continue
+        worst = max(pairs, key=lambda p: p[1])
+        lines.append(
+            f"- `{recipe}`: convert / forward median **{statistics.median(p[1] for p in pairs):.2f}**, "
+            f"max **{worst[1]:.2f}** ({worst[0]}), under 1: {sum(p[1] < 1 for p in pairs)}/{len(pairs)}."
+        )
+    both = [
+        (r["name"], _recipe(r, "dp")["convert_s"] / r["opacus"]["fix_s"])
+        for r in records
+        if "convert_s" in _recipe(r, "dp") and r.get("opacus", {}).get("fix_s")
+    ]
+    if both:
+        lines.append(
+            f"- normswap `dp` convert / Opacus fix time: median {statistics.median(b[1] for b in both):.2f}, "
+            f"max {max(b[1] for b in both):.2f} ({max(both, key=lambda b: b[1])[0]}). normswap's time includes "
+            f"a trace and one forward pass; Opacus' does neither (and does not learn shapes)."
+        )
+    return lines
+
+
+def fit_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for recipe in ("small-batch", "fold"):
+        pts = [
+            (r["fx_nodes"], _recipe(r, recipe)["convert_s"], r["name"])
+            for r in records
+            if r.get("fx_nodes") and "convert_s" in _recipe(r, recipe)
+        ]
+        if len(pts) < 3:
+            continue
+        fit = least_squares([p[0] for p in pts], [p[1] for p in pts])
+        lines.append(
+            f"- `{recipe}`: convert s ≈ {fit['slope'] * 1000:.3f} ms × nodes + {fit['intercept'] * 1000:.1f} ms, "
+            f"R² = {fit['r2']:.2f} (n = {fit['n']}, models that trace)."
+        )
+    return lines
+
+
+def family_table(records: Sequence[dict[str, Any]]) -> list[str]:
+    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_family[r["family"]].append(r)
+    lines = [
+        "| family | model | BatchNorm | input | trace | small-batch BN left | independent | fold relL2 "
+        "| convert/fwd | dp s | Opacus BN left | Opacus runs | Opacus fix s | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for family in sorted(by_family):
+        rs = by_family[family]
+        lines.append("| " + " | ".join([family, *family_cells(rs)]) + " |")
+    return lines
+
+
+def family_cells(rs: Sequence[dict[str, Any]]) -> list[str]:
+    """One family's row: the model's values, or aggregates (sums, k/n, medians, max) over its models."""
+    n = len(rs)
+    sb = [_recipe(r, "small-batch") for r in rs]
+    fold = [_recipe(r, "fold") for r in rs]
+    ops = [r.get("opacus", {}) for r in rs]
+
+    def frac(k: int) -> str:
+        return ("yes" if k else "no") if n == 1 else f"{k}/{n}"
+
+    def med(vals: list[float]) -> str:
+        return _fmt(statistics.median(vals)) if vals else "–"
+
+    model = rs[0]["name"] if n == 1 else f"{n} models"
+    bn = sum(r.get("bn_modules", 0) for r in rs)
+    classes = Counter()
+    for r in rs:
+        classes.update(r.get("bn_classes", {}))
+    bn_text = ", ".join(f"{k} {v}" for k, v in classes.most_common()) if n == 1 else f"{bn}"
+    inputs = Counter("×".join(map(str, r.get("check_input", [])[1:])) for r in rs)
+    input_text = ", ".join(inputs) if len(inputs) <= 2 else f"{len(inputs)} sizes"
+    traces = Counter(_recipe(r, "small-batch").get("trace", "–") for r in rs)
+    trace_text = "/".join(f"{k}" if n == 1 else f"{k} {v}" for k, v in traces.items())
+    ok_sb = [x for x in sb if x.get("ok")]
+    bn_left = "error" if not ok_sb else str(sum(x.get("bn_left", 0) for x in ok_sb))
+    indep = frac(_count(ok_sb, lambda x: x.get("batch_dependence", 1) < INDEPENDENT)) if ok_sb else "–"
+    fold_err = [x["rel_l2"] for x in fold if x.get("rel_l2") is not None]
+    fold_text = _fmt(max(fold_err), 2) if fold_err else "error"
+    ratio = med([x["ratio"] for x in sb if "ratio" in x])
+    dp = med([_recipe(r, "dp")["convert_s"] for r in rs if "convert_s" in _recipe(r, "dp")])
+    fixed = [o for o in ops if "fix_s" in o]
+    op_left = str(sum(o.get("bn_left", 0) for o in fixed)) if fixed else "error"
+    op_runs = frac(_count(fixed, lambda o: o.get("runs")))
+    op_s = med([o["fix_s"] for o in fixed])
+    failed = sorted({k for r in rs for k in failure_keys(r)})
+    failed_text = ", ".join(failed) if len(failed) <= 4 else f"{len(failed)} kinds"
+    return [model, bn_text, input_text, trace_text, bn_left, indep, fold_text, ratio, dp, op_left, op_runs, op_s,
+            failed_text or "–"]
+
+
+def failure_lines(records: Sequence[dict[str, Any]], limit: int = 60) -> list[str]:
+    """Failures grouped by step and first error line, with the models they hit."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for rec in records:
+        for step, info in rec.get("errors", {}).items():
+            groups[(step, _error_text(info))].append(rec["name"])
+        for recipe, r in rec.get("recipes", {}).items():
+            for step, info in r.get("errors", {}).items():
+                groups[(f"{recipe}/{step}", _error_text(info))].append(rec["name"])
+            for check in failed_checks(recipe, r):
+                groups[(f"{recipe}/{check}", _check_detail(check, r))].append(rec["name"])
+        for step, info in rec.get("opacus", {}).get("errors", {}).items():
+            groups[(f"opacus/{step}", _error_text(info))].append(rec["name"])
+    if not groups:
+        return ["None."]
+    lines = []
+    for (step, text), names in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        lines.append(f"- **{step}** ({len(names)}: {shown}): `{text}`")
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"- … {len(lines) - limit} more groups in the JSON lines."]
+    return lines
+
+
+def _error_text(info: dict[str, str]) -> str:
+    text = info.get("error", "?")
+    if info.get("normswap_frame"):
+        text += f" @ {info['normswap_frame']}"
+    return text.replace("`", "'").replace("|", "/")
+
+
+def _check_detail(check: str, r: dict[str, Any]) -> str:
+    details = {
+        "bn-left": f"{r.get('bn_left')} BatchNorm left",
+        "sites-mismatch": f"{r.get('module_sites')} module sites found",
+        "shape": "output shape differs",
+        "batch-dependent": f"batch dependence {_fmt(r.get('batch_dependence'))}",
+        "fold-inexact": f"relative L2 {_fmt(r.get('rel_l2'))}",
+        "roundtrip-json": "Plan.from_json(plan.to_json()) != plan",
+        "roundtrip-inexact": "replayed plan + state_dict gives different outputs",
+    }
+    return details.get(check, check)
+
+
+def render(records: Sequence[dict[str, Any]], mode: str, command: str, meta: dict[str, Any]) -> str:
+    ran = [r for r in records if "recipes" in r]
+    wall = sum(r.get("wall_s", 0.0) for r in records)
+    sessions = meta.get("sessions", [])
+    first = ran[0] if ran else {}
+    policy = (
+        f"checks at batch {BATCH}, input capped at {meta.get('max_size')} px where the model accepts it "
+        f"(else its default size); timings at the {meta.get('timing_size', 'default')} input size, batch 1, "
+        f"median of {meta.get('rounds')} interleaved rounds (forward and conversion alternate)"
+        if first
+        else ""
+    )
+    head = [
+        f"## timm zoo: every BatchNorm model converts ({mode})",
+        "",
+        f"`{command}` · torch {torch.__version__}, timm {timm.__version__}, "
+        f"{platform.processor() or platform.machine()}, {meta.get('threads') or torch.get_num_threads()} threads, CPU, "
+        f"`pretrained=False` with randomised BatchNorm statistics; {policy}.",
+        "",
+        f"Selection: {meta.get('selection', '')}. Sweep time: **{_mmss(wall)}** summed over models "
+        f"(one process each, start-up included; mean {wall / max(len(records), 1):.1f} s per model), "
+        f"{len(sessions)} session(s) totalling {_mmss(sum(sessions))}; enumeration on the meta device "
+        f"{_mmss(meta.get('index_s', 0))} (cached). Memory: peak RSS above the pre-conversion RSS "
+        f"(Linux VmHWM reset per conversion), not tracemalloc, which misses tensor storage.",
+        "",
+        "### Totals",
+        "",
+        *totals(records),
+        "",
+        "### Conversion time against one batch-1 eval forward",
+        "",
+        *ratio_lines(ran),
+        "",
+        "Fit of conversion time (plan + apply, no validation) against the nodes of normswap's fx trace:",
+        "",
+        *fit_lines(ran),
+    ]
+    peaks = [_recipe(r, "small-batch")["peak_mib"] for r in ran if _recipe(r, "small-batch").get("peak_mib") is not None]
+    if peaks:
+        head += ["", f"Peak memory of a `small-batch` conversion above the RSS before it: median "
+                     f"{statistics.median(peaks):.0f} MiB, max {max(peaks):.0f} MiB."]
+    return "\n".join(
+        [
+            *head,
+            "",
+            "### Per family: normswap against Opacus",
+            "",
+            "BN left = BatchNorm modules left after `small-batch` (normswap) or `ModuleValidator.fix` (Opacus); "
+            "independent = train-mode `batch_dependence` < 1e-4 after `small-batch` (dropout masks held fixed); "
+            "fold relL2 = eval output of `fold` against the original; convert/fwd = `small-batch` conversion "
+            "time over one forward; dp s = normswap `dp` conversion time; failed = steps that raised or checks "
+            "that did not hold (listed below).",
+            "",
+            *family_table(records),
+            "",
+            "### Failures (first error line, innermost normswap frame)",
+            "",
+            *failure_lines(records),
+        ]
+    )
+
+
+def write_section(text: str, path: Path = BENCHMARKS_MD) -> None:
+    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
+    block = f"{begin}\n{text}\n{end}"
+    content = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in content and end in content:
+        content = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.S)
+    else:
+        content = content.rstrip() + "\n\n" + block + "\n"
+    normswap.io.write_text_atomic(path, content)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def select(args: argparse.Namespace, index: dict[str, Any]) -> tuple[list[ZooModel], str]:
+    if args.models:
+        known = {m["name"]: ZooModel(**m) for m in index.get("models", [])}
+        owner = families()
+        picked = []
+        for name in args.models.split(","):
+            if name not in known and name not in owner:
+                raise SystemExit(f"unknown timm model {name!r}")
+            picked.append(known.get(name) or ZooModel(name, owner[name], 0, 0, {}))
+        return picked, f"{len(picked)} models named on the command line"
+    models = bn_models(index)
+    if args.full:
+        return models, (
+            f"all {len(models)} timm models containing a `_BatchNorm` (of {index['listed']} listed; "
+            f"{len({m.family for m in models})} modules)"
+        )
+    reps = representatives(models)
+    return reps, (
+        f"one model per timm module: the smallest (by parameter count) of its models that contain a "
+        f"`_BatchNorm` — {len(reps)} modules, out of {len(models)} BatchNorm models and {index['listed']} listed"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--fast", action="store_true", help="one representative per timm module (default)")
+    which.add_argument("--full", action="store_true", help="every timm model that contains BatchNorm")
+    which.add_argument("--models", help="comma-separated timm model names")
+    parser.add_argument("--max-size", type=int, default=None, help="cap the check input's H and W (e.g. 64)")
+    parser.add_argument(
+        "--timing-size",
+        choices=["default", "check"],
+        default="default",
+        help="time forward and conversion at the model's default input size (default) or the capped one",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds per recipe (median)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per model before it is killed")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per model process")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--no-opacus", action="store_true")
+    parser.add_argument("--results", type=Path, default=None, help="JSON lines file (default by mode)")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun models that timed out or crashed")
+    parser.add_argument("--no-run", action="store_true", help="only render what is recorded")
+    parser.add_argument("--write", action="store_true", help="render into BENCHMARKS.md between the zoo markers")
+    return parser.parse_args(argv)
+
+
+def mode_of(args: argparse.Namespace) -> str:
+    return "full" if args.full else "models" if args.models else "fast"
+
+
+def load_meta(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    mode = mode_of(args)
+    results = args.results or RESULTS / f"zoo-{mode}.jsonl"
+    meta_path = results.with_suffix(".meta.json")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    index = load_index(progress=_index_progress()) if not args.models else {}
+    selected, selection = select(args, index)
+    opts = Options(
+        recipes=tuple(args.recipes.split(",")),
+        max_size=args.max_size,
+        timing_size=args.timing_size,
+        rounds=args.rounds,
+        opacus=not args.no_opacus,
+        threads=args.threads,
+    )
+    meta = load_meta(meta_path)
+    meta.update(
+        selection=selection,
+        max_size=args.max_size,
+        timing_size=args.timing_size,
+        rounds=args.rounds,
+        threads=args.threads,
+        timeout=args.timeout,
+        index_s=index.get("seconds", meta.get("index_s", 0)),
+    )
+    if not args.no_run:
+        seconds = sweep(selected, opts, results, args.timeout, args.retry_failed)
+        if seconds:
+            meta["sessions"] = [*meta.get("sessions", []), seconds]
+        normswap.io.write_text_atomic(meta_path, json.dumps(meta, indent=1))
+    wanted = {m.name for m in selected}
+    records = sorted((r for r in read_results(results) if r["name"] in wanted), key=lambda r: (r["family"], r["name"]))
+    text = render(records, mode, command_line(args), meta)
+    if args.write:
+        write_section(text)
+        print(f"wrote the {SECTION} section of {BENCHMARKS_MD} ({len(records)} models)", file=sys.stderr)
+    else:
+        print(text)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["python benchmarks/zoo.py", f"--{mode_of(args)}" if not args.models else f"--models {args.models}"]
+    if args.max_size:
+        parts.append(f"--max-size {args.max_size}")
+    if args.timing_size != "default":
+        parts.append(f"--timing-size {args.timing_size}")
+    if args.rounds != 3:
+        parts.append(f"--rounds {args.rounds}")
+    parts.append("--write")
+    return " ".join(parts)
+
+
+def _index_progress() -> Callable[[int, int, str], None]:
+    def report(i: int, total: int, name: str) -> None:
+        if i % 100 == 0:
+            print(f"indexing timm on the meta device: {i}/{total} ({name})", file=sys.stderr, flush=True)
+
+    return report
+
+
+if __name__ == "__main__":
+    main()
