@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -35,7 +36,7 @@ import traceback
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +66,21 @@ BATCH = 2  # the smallest batch that can show batch dependence
 FAILED_STATUSES = ("timeout", "crashed")
 
 T = TypeVar("T")
+
+
+def normswap_digest() -> str:
+    """A short hash of the normswap code and recipes as imported: results from different versions of a
+    package under active development must not be mixed unknowingly."""
+    h = hashlib.sha256()
+    package = Path(normswap.__file__).resolve().parent
+    for path in sorted([*package.glob("*.py"), *(ROOT / "recipes").glob("*.toml")]):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+# Computed when this module is imported, i.e. in the forkserver, next to the normswap it imported.
+NORMSWAP_DIGEST = normswap_digest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,6 +314,7 @@ def count_fx_nodes(model: nn.Module) -> tuple[int, float]:
 def reseeded_forwards(model: nn.Module, seed: int = 0) -> Iterator[None]:
     """Reseed torch before every forward of ``model`` (and of its deep copies), so dropout and drop-path
     draw the same masks in both passes of batch_dependence: what remains is the batch's influence."""
+
     def reseed(_module: nn.Module, _args: tuple[Any, ...]) -> None:
         torch.manual_seed(seed)
 
@@ -352,6 +369,27 @@ def round_trip(plan: normswap.Plan, converted: nn.Module, fresh: nn.Module, x: t
     }
 
 
+def fold_in_float64(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Fold again in float64, and measure how far the original's own float32 output is from its
+    float64 one. Some deep nets (halonet) amplify float32 rounding past 1e-5; folding changes the
+    rounding, not the function, when the float64 fold is exact."""
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+    reference64 = eval_output(model64, x64)
+    folded64 = normswap.convert(model64, "fold", example_inputs=x64[:1], validate=False).model
+    return {
+        "rel_l2_f64": relative_l2(reference64, eval_output(folded64, x64)),
+        "f32_noise": relative_l2(reference64, eval_output(model, x)),
+    }
+
+
+def fold_exact(r: dict[str, Any]) -> bool:
+    return r.get("rel_l2") is not None and r["rel_l2"] <= FOLD_EXACT
+
+
+def fold_exact_in_f64_only(r: dict[str, Any]) -> bool:
+    return not fold_exact(r) and r.get("rel_l2_f64") is not None and r["rel_l2_f64"] <= FOLD_EXACT
+
+
 @dataclass
 class Inputs:
     timing: torch.Tensor  # batch 1 at the timing size: what conversion and the reference forward see
@@ -384,9 +422,11 @@ def run_recipe(model: nn.Module, fresh: nn.Module, recipe: str, inputs: Inputs, 
             peak_mib=max((p for p in peaks if p is not None), default=None),
         )
     if conversion is not None and inputs.check.shape[1:] != inputs.timing.shape[1:]:
-        conversion = attempt(errors, "convert-check", lambda: normswap.convert(
-            model, recipe, example_inputs=inputs.check[:1], validate=False, batch_size=BATCH
-        ))
+        conversion = attempt(
+            errors,
+            "convert-check",
+            lambda: normswap.convert(model, recipe, example_inputs=inputs.check[:1], validate=False, batch_size=BATCH),
+        )
     if conversion is None:
         out["ok"] = False
         return out
@@ -403,6 +443,8 @@ def run_recipe(model: nn.Module, fresh: nn.Module, recipe: str, inputs: Inputs, 
         out.update(attempt(errors, "batch-dependence", lambda: batch_dependence(converted, inputs.check)) or {})
     if recipe == "fold":
         out["folded_sites"] = sum(e.target == "fold" for e in conversion.plan.conversions)
+        if out.get("rel_l2") is not None and out["rel_l2"] > FOLD_EXACT:
+            out.update(attempt(errors, "fold-f64", lambda: fold_in_float64(model, inputs.check)) or {})
     out.update(attempt(errors, "roundtrip", lambda: round_trip(conversion.plan, converted, fresh, inputs.check)) or {})
     return out
 
@@ -449,7 +491,7 @@ class Options:
 
 def run_model(name: str, family: str, opts: Options) -> dict[str, Any]:
     """Everything measured for one model; failures are recorded per step, never raised."""
-    rec: dict[str, Any] = {"name": name, "family": family, "status": "ok", "errors": {}}
+    rec: dict[str, Any] = {"name": name, "family": family, "status": "ok", "errors": {}, "normswap": NORMSWAP_DIGEST}
     errors = rec["errors"]
     model = attempt(errors, "build", lambda: build_model(name))
     if model is None:
@@ -515,7 +557,7 @@ def run_isolated(ctx: Any, name: str, family: str, opts: Options, timeout: float
     if receive.poll(timeout):
         with contextlib.suppress(EOFError):
             rec = json.loads(receive.recv())
-    proc.join(5)
+    proc.join(5 if rec is not None else 0)  # a child that answered exits by itself; one that did not is killed
     if proc.is_alive():
         proc.kill()
         proc.join()
@@ -551,14 +593,24 @@ def append_result(path: Path, rec: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def sweep(selected: Sequence[ZooModel], opts: Options, results: Path, timeout: float, retry_failed: bool) -> float:
-    """Run every selected model not yet recorded; returns this session's wall time."""
+def sweep(
+    selected: Sequence[ZooModel],
+    opts: Options,
+    results: Path,
+    timeout: float,
+    retry_failed: bool = False,
+    redo: frozenset[str] = frozenset(),
+) -> float:
+    """Run every selected model not yet recorded (a later line replaces an earlier one for the same
+    model); returns this session's wall time."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     done = {r["name"]: r for r in read_results(results)}
     todo = [
-        m for m in selected if m.name not in done or (retry_failed and done[m.name]["status"] in FAILED_STATUSES)
+        m
+        for m in selected
+        if m.name not in done or m.name in redo or (retry_failed and done[m.name]["status"] in FAILED_STATUSES)
     ]
     console = Console(stderr=True)
     console.print(f"{len(selected)} selected, {len(selected) - len(todo)} already in {results}, {len(todo)} to run")
@@ -609,7 +661,7 @@ def failed_checks(recipe: str, r: dict[str, Any]) -> list[str]:
         bad.append("shape")
     if recipe in INDEPENDENCE_RECIPES and r.get("batch_dependence", 0) >= INDEPENDENT:
         bad.append("batch-dependent")
-    if recipe == "fold" and r.get("folded_sites") and (r.get("rel_l2") is None or r["rel_l2"] > FOLD_EXACT):
+    if recipe == "fold" and r.get("folded_sites") and not fold_exact(r) and not fold_exact_in_f64_only(r):
         bad.append("fold-inexact")
     if r.get("roundtrip_json") is False:
         bad.append("roundtrip-json")
@@ -654,63 +706,81 @@ def _mmss(seconds: float) -> str:
 
 
 def totals(records: Sequence[dict[str, Any]]) -> list[str]:
-    n = len(records)
     ran = [r for r in records if "recipes" in r]
+    model_failed = _count(records, lambda r: r["status"] in ("build-failed", "model-failed"))
     lines = [
-        f"- Models recorded: **{n}**; ran through the recipes: {len(ran)}; "
+        f"- Models recorded: **{len(records)}**; ran through the recipes: {len(ran)}; "
         f"timed out: {_count(records, lambda r: r['status'] == 'timeout')}; "
         f"crashed: {_count(records, lambda r: r['status'] == 'crashed')}; "
-        f"model itself failed (build or forward): {_count(records, lambda r: r['status'] in ('build-failed', 'model-failed'))}."
+        f"model itself failed (build or forward): {model_failed}."
     ]
     for recipe in RECIPES:
-        rs = [_recipe(r, recipe) for r in ran if recipe in r.get("recipes", {})]
-        if not rs:
-            continue
-        ok = [x for x in rs if x.get("ok")]
-        parts = [f"converted {len(ok)}/{len(rs)}"]
-        left_in = _count(ok, lambda x: bool(x.get("bn_left")))
-        if recipe in NO_BN_RECIPES:
-            parts.append(f"**no BatchNorm left {_count(ok, lambda x: x.get('bn_left') == 0)}/{len(rs)}**")
-        elif recipe == "sequence":
-            parts.append(f"BatchNorm left in {left_in} (image BatchNorm is kept by design)")
-        else:
-            parts.append(f"BatchNorm left in {left_in}")
-        parts.append(f"sites found = BatchNorm modules {_count(ok, lambda x: x.get('sites_match_bn'))}/{len(ok)}")
-        parts.append(f"output shape equal {_count(ok, lambda x: x.get('shape_equal'))}/{len(ok)}")
-        if recipe in INDEPENDENCE_RECIPES:
-            parts.append(
-                f"**batch-independent (< {INDEPENDENT:g}) {_count(ok, lambda x: x.get('batch_dependence', 1) < INDEPENDENT)}/{len(ok)}**"
+        named = [(r["name"], _recipe(r, recipe)) for r in ran if recipe in r["recipes"]]
+        if named:
+            lines.append(f"- `{recipe}`: " + "; ".join(recipe_totals(recipe, named)) + ".")
+    return [*lines, learned_line(ran), *opacus_line(ran)]
+
+
+def recipe_totals(recipe: str, named: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """One recipe's counts over the models: what it promises, and what every recipe must hold."""
+    rs = [x for _, x in named]
+    ok = [x for x in rs if x.get("ok")]
+    parts = [f"converted {len(ok)}/{len(rs)}"]
+    left_in = _count(ok, lambda x: bool(x.get("bn_left")))
+    if recipe in NO_BN_RECIPES:
+        parts.append(f"**no BatchNorm left {_count(ok, lambda x: x.get('bn_left') == 0)}/{len(rs)}**")
+    elif recipe == "sequence":
+        parts.append(f"BatchNorm left in {left_in} (image BatchNorm is kept by design)")
+    else:
+        parts.append(f"BatchNorm left in {left_in}")
+    parts.append(f"sites found = BatchNorm modules {_count(ok, lambda x: x.get('sites_match_bn'))}/{len(ok)}")
+    parts.append(f"output shape equal {_count(ok, lambda x: x.get('shape_equal'))}/{len(ok)}")
+    if recipe in INDEPENDENCE_RECIPES:
+        independent = _count(ok, lambda x: x.get("batch_dependence", 1) < INDEPENDENT)
+        parts.append(f"**batch-independent (< {INDEPENDENT:g}) {independent}/{len(ok)}**")
+    if recipe == "fold":
+        applicable = [x for x in ok if x.get("folded_sites")]
+        exact = _count(applicable, fold_exact)
+        parts.append(f"**fold exact (≤ {FOLD_EXACT:g} relative L2) {exact}/{len(applicable)}** where it folds")
+        f64_only = [(name, x) for name, x in named if x.get("folded_sites") and fold_exact_in_f64_only(x)]
+        if f64_only:
+            details = ", ".join(
+                f"{name}: float32 {_fmt(x['rel_l2'], 2)}, float64 {_fmt(x['rel_l2_f64'], 2)}, "
+                f"the original's own float32-vs-float64 gap {_fmt(x['f32_noise'], 2)}"
+                for name, x in f64_only
             )
-        if recipe == "fold":
-            applicable = [x for x in ok if x.get("folded_sites")]
-            exact = _count(applicable, lambda x: x.get("rel_l2") is not None and x["rel_l2"] <= FOLD_EXACT)
-            parts.append(f"**fold exact (≤ {FOLD_EXACT:g} relative L2) {exact}/{len(applicable)}** where it folds")
-        parts.append(
-            f"plan round-trip: JSON {_count(ok, lambda x: x.get('roundtrip_json'))}/{len(ok)}, "
-            f"bit-exact replay {_count(ok, lambda x: x.get('roundtrip_exact'))}/{len(ok)}"
-        )
-        lines.append(f"- `{recipe}`: " + "; ".join(parts) + ".")
+            parts.append(f"exact only in float64: {len(f64_only)} ({details})")
+    parts.append(
+        f"plan round-trip: JSON {_count(ok, lambda x: x.get('roundtrip_json'))}/{len(ok)}, "
+        f"bit-exact replay {_count(ok, lambda x: x.get('roundtrip_exact'))}/{len(ok)}"
+    )
+    return parts
+
+
+def learned_line(ran: Sequence[dict[str, Any]]) -> str:
     plans = [_recipe(r, "small-batch") for r in ran if _recipe(r, "small-batch").get("ok")]
-    learned = Counter()
+    learned: Counter[str] = Counter()
     for p in plans:
         learned.update(p.get("learned_by", {}))
     traces = Counter(p.get("trace") for p in plans)
-    lines.append(
+    return (
         f"- How site context was learned (`small-batch` plans): sites by fx {learned['fx']}, by eager hooks "
         f"{learned['eager']}, not at all {learned['none']}; models traced by fx {traces['fx']}, "
         f"eager fallback {traces['eager']}."
     )
+
+
+def opacus_line(ran: Sequence[dict[str, Any]]) -> list[str]:
     ops = [r["opacus"] for r in ran if "opacus" in r]
-    if ops:
-        fixed = [o for o in ops if "fix_s" in o]
-        lines.append(
-            f"- Opacus `ModuleValidator.fix`: fixed {len(fixed)}/{len(ops)}; **no BatchNorm left "
-            f"{_count(fixed, lambda o: o.get('bn_left') == 0)}/{len(ops)}**; fixed model runs "
-            f"{_count(fixed, lambda o: o.get('runs'))}/{len(ops)}; models where it left BatchNorm "
-            f"{_count(fixed, lambda o: bool(o.get('bn_left')))} "
-            f"({sum(o.get('bn_left', 0) for o in fixed)} modules)."
-        )
-    return lines
+    if not ops:
+        return []
+    fixed = [o for o in ops if "fix_s" in o]
+    return [
+        f"- Opacus `ModuleValidator.fix`: fixed {len(fixed)}/{len(ops)}; **no BatchNorm left "
+        f"{_count(fixed, lambda o: o.get('bn_left') == 0)}/{len(ops)}**; fixed model runs "
+        f"{_count(fixed, lambda o: o.get('runs'))}/{len(ops)}; models where it left BatchNorm "
+        f"{_count(fixed, lambda o: bool(o.get('bn_left')))} ({sum(o.get('bn_left', 0) for o in fixed)} modules)."
+    ]
 
 
 def ratio_lines(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -720,9 +790,13 @@ def ratio_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         if not pairs:
             continue
         worst = max(pairs, key=lambda p: p[1])
+        parts = [_recipe(r, recipe) for r in records if "ratio" in _recipe(r, recipe)]
+        plan = statistics.median(x["plan_s"] / x["forward_s"] for x in parts)
+        apply = statistics.median((x["convert_s"] - x["plan_s"]) / x["forward_s"] for x in parts)
         lines.append(
             f"- `{recipe}`: convert / forward median **{statistics.median(p[1] for p in pairs):.2f}**, "
-            f"max **{worst[1]:.2f}** ({worst[0]}), under 1: {sum(p[1] < 1 for p in pairs)}/{len(pairs)}."
+            f"max **{worst[1]:.2f}** ({worst[0]}), under 1: {sum(p[1] < 1 for p in pairs)}/{len(pairs)}; "
+            f"of which plan / forward median {plan:.2f} (it includes one forward), apply / forward {apply:.2f}."
         )
     both = [
         (r["name"], _recipe(r, "dp")["convert_s"] / r["opacus"]["fix_s"])
@@ -738,20 +812,71 @@ def ratio_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def fit_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+def fit_lines(records: Sequence[dict[str, Any]], recipe: str = "small-batch") -> list[str]:
+    """Conversion time against fx nodes, and its two parts against what each should scale with:
+    planning beyond its one discovery forward against nodes, applying (a deep copy, then the swaps)
+    against parameters."""
+    rs = [(r, _recipe(r, recipe)) for r in records if r.get("fx_nodes") and "convert_s" in _recipe(r, recipe)]
+    if len(rs) < 3:
+        return []
+    nodes = [r["fx_nodes"] for r, _ in rs]
+    total = least_squares(nodes, [x["convert_s"] for _, x in rs])
+    plan = least_squares(nodes, [x["plan_s"] - x["forward_s"] for _, x in rs])
+    apply = least_squares([r["params"] / 1e6 for r, _ in rs], [x["convert_s"] - x["plan_s"] for _, x in rs])
+    return [
+        f"- `{recipe}` conversion: **{total['slope'] * 1000:.3f} ms × nodes + {total['intercept'] * 1000:.1f} ms, "
+        f"R² = {total['r2']:.2f}** (n = {total['n']}). Nodes alone explain little, because conversion also runs "
+        f"one forward pass (FLOPs) and deep-copies the model (parameters); split:",
+        f"  - planning minus its one discovery forward: {plan['slope'] * 1000:.3f} ms × nodes + "
+        f"{plan['intercept'] * 1000:.1f} ms, R² = {plan['r2']:.2f};",
+        f"  - applying (copy + swaps): {apply['slope'] * 1000:.2f} ms × M parameters + "
+        f"{apply['intercept'] * 1000:.1f} ms, R² = {apply['r2']:.2f}.",
+    ]
+
+
+def note_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """What the numbers do not say by themselves."""
+    ran = [r for r in records if "recipes" in r]
     lines = []
-    for recipe in ("small-batch", "fold"):
-        pts = [
-            (r["fx_nodes"], _recipe(r, recipe)["convert_s"], r["name"])
-            for r in records
-            if r.get("fx_nodes") and "convert_s" in _recipe(r, recipe)
-        ]
-        if len(pts) < 3:
-            continue
-        fit = least_squares([p[0] for p in pts], [p[1] for p in pts])
+    noisy = [
+        r["name"]
+        for r in ran
+        if any(
+            _recipe(r, x).get("batch_dependence_raw", 0) >= INDEPENDENT > _recipe(r, x).get("batch_dependence", 1)
+            for x in INDEPENDENCE_RECIPES
+        )
+    ]
+    if noisy:
         lines.append(
-            f"- `{recipe}`: convert s ≈ {fit['slope'] * 1000:.3f} ms × nodes + {fit['intercept'] * 1000:.1f} ms, "
-            f"R² = {fit['r2']:.2f} (n = {fit['n']}, models that trace)."
+            f"- `normswap.batch_dependence` as shipped counts dropout noise as batch dependence: after conversion "
+            f"{len(noisy)} models ({', '.join(noisy)}) measure ≥ {INDEPENDENT:g} until dropout and drop-path masks "
+            f"are held fixed (torch reseeded before each forward), then 0. The totals use the fixed-mask value."
+        )
+    silent = [r["name"] for r in ran if r.get("opacus", {}).get("bn_left") and r["opacus"].get("validate_errors") == 0]
+    if silent:
+        lines.append(
+            f"- In {len(silent)} models where `ModuleValidator.fix` left BatchNorm (subclasses such as timm "
+            f"`BatchNormAct2d`: Opacus looks fixers and validators up by exact class), its own "
+            f"`ModuleValidator.validate` on the fixed model reports no error."
+        )
+    fallback = [(r["name"], r["small_input_error"]) for r in ran if r.get("small_input_error")]
+    if fallback:
+        lines.append(
+            "- Checked at the default size because the capped input failed: "
+            + "; ".join(f"{n} (`{e[:70]}`)" for n, e in fallback)
+            + "."
+        )
+    peaks = [
+        (r["name"], _recipe(r, "small-batch")["peak_mib"], r["params"])
+        for r in ran
+        if _recipe(r, "small-batch").get("peak_mib") is not None
+    ]
+    if peaks:
+        name, peak, params = max(peaks, key=lambda p: p[1])
+        lines.append(
+            f"- Peak memory of a `small-batch` conversion above the RSS before it: median "
+            f"{statistics.median(p[1] for p in peaks):.0f} MiB, max {peak:.0f} MiB ({name}, "
+            f"{params * 4 / 2**20:.0f} MiB of float32 parameters: the deep copy dominates)."
         )
     return lines
 
@@ -761,7 +886,7 @@ def family_table(records: Sequence[dict[str, Any]]) -> list[str]:
     for r in records:
         by_family[r["family"]].append(r)
     lines = [
-        "| family | model | BatchNorm | input | trace | small-batch BN left | independent | fold relL2 "
+        "| family | model | BatchNorm | input checked / timed | trace | small-batch BN left | independent | fold relL2 "
         "| convert/fwd | dp s | Opacus BN left | Opacus runs | Opacus fix s | failed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -790,7 +915,7 @@ def family_cells(rs: Sequence[dict[str, Any]]) -> list[str]:
     for r in rs:
         classes.update(r.get("bn_classes", {}))
     bn_text = ", ".join(f"{k} {v}" for k, v in classes.most_common()) if n == 1 else f"{bn}"
-    inputs = Counter("×".join(map(str, r.get("check_input", [])[1:])) for r in rs)
+    inputs = Counter(_input_text(r) for r in rs)
     input_text = ", ".join(inputs) if len(inputs) <= 2 else f"{len(inputs)} sizes"
     traces = Counter(_recipe(r, "small-batch").get("trace", "–") for r in rs)
     trace_text = "/".join(f"{k}" if n == 1 else f"{k} {v}" for k, v in traces.items())
@@ -807,8 +932,32 @@ def family_cells(rs: Sequence[dict[str, Any]]) -> list[str]:
     op_s = med([o["fix_s"] for o in fixed])
     failed = sorted({k for r in rs for k in failure_keys(r)})
     failed_text = ", ".join(failed) if len(failed) <= 4 else f"{len(failed)} kinds"
-    return [model, bn_text, input_text, trace_text, bn_left, indep, fold_text, ratio, dp, op_left, op_runs, op_s,
-            failed_text or "–"]
+    return [
+        model,
+        bn_text,
+        input_text,
+        trace_text,
+        bn_left,
+        indep,
+        fold_text,
+        ratio,
+        dp,
+        op_left,
+        op_runs,
+        op_s,
+        failed_text or "–",
+    ]
+
+
+def _input_text(r: dict[str, Any]) -> str:
+    check, timed = r.get("check_input", [])[1:], r.get("timing_input", [])[1:]
+    if not check:
+        return "–"
+    return _side(check) if check == timed or not timed else f"{_side(check)} / {_side(timed)}"
+
+
+def _side(size: Sequence[int]) -> str:
+    return str(size[0]) if len(set(size)) == 1 else "×".join(map(str, size))
 
 
 def failure_lines(records: Sequence[dict[str, Any]], limit: int = 60) -> list[str]:
@@ -874,6 +1023,8 @@ def render(records: Sequence[dict[str, Any]], mode: str, command: str, meta: dic
         f"{platform.processor() or platform.machine()}, {meta.get('threads') or torch.get_num_threads()} threads, CPU, "
         f"`pretrained=False` with randomised BatchNorm statistics; {policy}.",
         "",
+        f"normswap code (hash of `normswap/*.py` and `recipes/*.toml` as imported): {versions_text(records)}.",
+        "",
         f"Selection: {meta.get('selection', '')}. Sweep time: **{_mmss(wall)}** summed over models "
         f"(one process each, start-up included; mean {wall / max(len(records), 1):.1f} s per model), "
         f"{len(sessions)} session(s) totalling {_mmss(sum(sessions))}; enumeration on the meta device "
@@ -888,14 +1039,12 @@ def render(records: Sequence[dict[str, Any]], mode: str, command: str, meta: dic
         "",
         *ratio_lines(ran),
         "",
-        "Fit of conversion time (plan + apply, no validation) against the nodes of normswap's fx trace:",
+        "Least-squares fit of conversion time (plan + apply, no validation) against the nodes of normswap's "
+        "fx trace (`normswap.tracing.trace_graph`):",
         "",
         *fit_lines(ran),
     ]
-    peaks = [_recipe(r, "small-batch")["peak_mib"] for r in ran if _recipe(r, "small-batch").get("peak_mib") is not None]
-    if peaks:
-        head += ["", f"Peak memory of a `small-batch` conversion above the RSS before it: median "
-                     f"{statistics.median(peaks):.0f} MiB, max {max(peaks):.0f} MiB."]
+    head += ["", "### Notes", "", *note_lines(records)]
     return "\n".join(
         [
             *head,
@@ -915,6 +1064,11 @@ def render(records: Sequence[dict[str, Any]], mode: str, command: str, meta: dic
             *failure_lines(records),
         ]
     )
+
+
+def versions_text(records: Sequence[dict[str, Any]]) -> str:
+    versions = Counter(r.get("normswap", "unrecorded") for r in records)
+    return ", ".join(f"`{digest}` ({n} models)" for digest, n in versions.most_common())
 
 
 def write_section(text: str, path: Path = BENCHMARKS_MD) -> None:
@@ -944,7 +1098,7 @@ def select(args: argparse.Namespace, index: dict[str, Any]) -> tuple[list[ZooMod
         return picked, f"{len(picked)} models named on the command line"
     models = bn_models(index)
     if args.full:
-        return models, (
+        return interleave_families(models), (
             f"all {len(models)} timm models containing a `_BatchNorm` (of {index['listed']} listed; "
             f"{len({m.family for m in models})} modules)"
         )
@@ -953,6 +1107,19 @@ def select(args: argparse.Namespace, index: dict[str, Any]) -> tuple[list[ZooMod
         f"one model per timm module: the smallest (by parameter count) of its models that contain a "
         f"`_BatchNorm` — {len(reps)} modules, out of {len(models)} BatchNorm models and {index['listed']} listed"
     )
+
+
+def interleave_families(models: Sequence[ZooModel]) -> list[ZooModel]:
+    """Round-robin over families, smallest first within each, so a sweep stopped early has covered
+    every family evenly rather than the alphabet's first half."""
+    by_family: dict[str, list[ZooModel]] = defaultdict(list)
+    for m in sorted(models, key=lambda m: (m.params, m.name)):
+        by_family[m.family].append(m)
+    queues = [by_family[f] for f in sorted(by_family)]
+    order = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        order += [q[i] for q in queues if i < len(q)]
+    return order
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -970,11 +1137,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds per recipe (median)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model before it is killed")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per model process")
+    # One thread by default: on a small shared machine OpenMP threads that wait on a busy core make a
+    # forward pass up to 100x slower (measured: test_resnet 5 ms at 1 thread, 550 ms at 2 under load).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model process (default 1)")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--no-opacus", action="store_true")
     parser.add_argument("--results", type=Path, default=None, help="JSON lines file (default by mode)")
     parser.add_argument("--retry-failed", action="store_true", help="rerun models that timed out or crashed")
+    parser.add_argument("--redo", default="", help="comma-separated models to rerun although recorded")
     parser.add_argument("--no-run", action="store_true", help="only render what is recorded")
     parser.add_argument("--write", action="store_true", help="render into BENCHMARKS.md between the zoo markers")
     return parser.parse_args(argv)
@@ -1016,7 +1186,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         index_s=index.get("seconds", meta.get("index_s", 0)),
     )
     if not args.no_run:
-        seconds = sweep(selected, opts, results, args.timeout, args.retry_failed)
+        redo = frozenset(n for n in args.redo.split(",") if n)
+        seconds = sweep(selected, opts, results, args.timeout, args.retry_failed, redo)
         if seconds:
             meta["sessions"] = [*meta.get("sessions", []), seconds]
         normswap.io.write_text_atomic(meta_path, json.dumps(meta, indent=1))
@@ -1036,6 +1207,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--max-size {args.max_size}")
     if args.timing_size != "default":
         parts.append(f"--timing-size {args.timing_size}")
+    if args.threads != 1:
+        parts.append(f"--threads {args.threads}")
     if args.rounds != 3:
         parts.append(f"--rounds {args.rounds}")
     parts.append("--write")

@@ -61,7 +61,9 @@ def batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
     probe = copy.deepcopy(model).train()
     generator = torch.Generator().manual_seed(seed)
     other = x.clone()
-    other[1:] = torch.randn(other[1:].shape, generator=generator).to(x) * x[1:].std() + x[1:].mean()
+    scale = float(x.std()) if x.numel() > 1 else 1.0
+    scale = scale if scale > 0 and scale == scale else 1.0  # constant or tiny inputs: unit noise
+    other[1:] = torch.randn(other[1:].shape, generator=generator).to(x) * scale + float(x.mean())
     with torch.no_grad():
         first = first_tensor(probe(x))[0].double()
         second = first_tensor(probe(other))[0].double()

@@ -78,6 +78,10 @@ def _apply_rule(site: Site, rule: Rule, why: str, recipe: Recipe) -> PlanEntry:
 
 
 def _convert(site: Site, rule: Rule, target_name: str, options: Mapping[str, Any], why: str) -> PlanEntry:
+    if site.kind == "functional" and site.learned_by != "fx":
+        raise NotApplicable(
+            "a functional batch_norm call can only be rewritten in an fx graph, and this model does not trace"
+        )
     target = get_target(target_name)
     resolved = target.resolve(site, target.check_options(options, f"rule {rule.name!r} options"))
     return PlanEntry(site, rule.name, "convert", target_name, resolved, why)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -230,19 +231,14 @@ def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     aliases = module_aliases(model)
     bn_modules = [(p, m) for p, m in model.named_modules() if isinstance(m, _BatchNorm)]
-    observed: dict[int, _Observed] = {id(m): _Observed() for _, m in bn_modules}
     with model_state_guard(model):
         graph, trace_error = None, None
         try:
             graph = trace_graph(model)
         except Exception as exc:  # any tracing failure means: fall back to eager hooks
             trace_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        handles = [m.register_forward_pre_hook(_recording_hook(observed[id(m)])) for _, m in bn_modules]
-        try:
-            functional_seen = _run_forward(model, graph, inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        observation = _observe(model, graph, inputs, bn_modules)
+    observed, functional_seen, eager_calls = observation
     node_index = _module_nodes(graph)
     sites = [_module_site(path, m, observed[id(m)], node_index, aliases[id(m)], model) for path, m in bn_modules]
     if graph is not None:
@@ -251,9 +247,135 @@ def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
             for n in graph.nodes
             if is_functional_batch_norm(n)
         ]
+    else:
+        sites += eager_calls
     others = [OtherNorm(p, qualname(m)) for p, m in model.named_modules() if _is_other_norm(m)]
     shapes = tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor))
     return Discovery(sites, others, graph, trace_error, shapes)
+
+
+Observation = tuple[dict[int, "_Observed"], dict[str, "_Observed"], list[Site]]
+
+
+def _observe(
+    model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any], bn_modules: list[tuple[str, nn.Module]]
+) -> Observation:
+    """Run the forward pass with the recording hooks.
+
+    A BatchNorm without running statistics normalizes with batch statistics even in eval mode and
+    cannot run on one sample per channel; a failing batch-1 example is retried repeated to two samples.
+    """
+    try:
+        return _observe_once(model, graph, inputs, bn_modules)
+    except Exception as first:
+        doubled = _as_batch_of_two(inputs)
+        if doubled is not None:
+            try:
+                return _observe_once(model, graph, doubled, bn_modules)
+            except Exception:  # report the failure on the inputs the user gave
+                pass
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        raise TraceError(
+            f"{type(model).__name__} failed on example inputs of shape {shapes}: {type(first).__name__}: "
+            f"{str(first).splitlines()[0] if str(first) else ''}. Give inputs the model accepts: "
+            f"example_inputs=... (API) or --input-size C,H,W (CLI)."
+        ) from first
+
+
+def _observe_once(
+    model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any], bn_modules: list[tuple[str, nn.Module]]
+) -> Observation:
+    observed = {id(m): _Observed() for _, m in bn_modules}
+    handles = [m.register_forward_pre_hook(_recording_hook(observed[id(m)])) for _, m in bn_modules]
+    eager_calls = _EagerFunctionalCalls(model) if graph is None else None
+    try:
+        if eager_calls is None:
+            functional_seen = _run_forward(model, graph, inputs)
+        else:
+            with eager_calls:
+                functional_seen = _run_forward(model, graph, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return observed, functional_seen, eager_calls.sites if eager_calls is not None else []
+
+
+class _EagerFunctionalCalls(TorchFunctionMode):
+    """Without a graph, functional ``batch_norm`` calls are still seen at run time: a torch-function
+    mode notes every call made outside a BatchNorm module, with the module it was made in. Such a site
+    cannot be rewritten (that needs the graph), but the plan shows it and recipes that promise no
+    BatchNorm refuse to pretend otherwise."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.stack: list[tuple[str, bool]] = []
+        self.sites: list[Site] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _EagerFunctionalCalls:
+        def push(path: str, is_bn: bool) -> Callable[..., None]:
+            def hook(*_: Any) -> None:
+                self.stack.append((path, is_bn))
+
+            return hook
+
+        def pop(*_: Any) -> None:  # a forward hook that returned a value would replace the output
+            if self.stack:
+                self.stack.pop()
+
+        for path, m in self.model.named_modules():
+            self.handles.append(m.register_forward_pre_hook(push(path, isinstance(m, _BatchNorm))))
+            self.handles.append(m.register_forward_hook(pop))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        super().__exit__(*exc)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in FUNCTIONAL_BATCH_NORMS and not (self.stack and self.stack[-1][1]):
+            self._record(args, kwargs)
+        return func(*args, **kwargs)
+
+    def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        x = a["input"]
+        owner = self.stack[-1][0] if self.stack else ""
+        name = "batch_norm" + (f"_{len(self.sites)}" if self.sites else "")
+        obs = _Observed()
+        obs.record(x)
+        layout, inferred = _layout(obs.shape, None)
+        self.sites.append(
+            Site(
+                path=f"{owner}.{name}" if owner else name,
+                kind="functional",
+                cls=f"{F.batch_norm.__module__}.batch_norm",
+                num_features=int(x.shape[1]) if x.ndim > 1 else 0,
+                affine=a["weight"] is not None,
+                track_running_stats=a["running_mean"] is not None,
+                has_running_stats=a["running_mean"] is not None and a["running_var"] is not None,
+                eps=float(a["eps"]),
+                momentum=a["momentum"],
+                has_act=False,
+                input_shape=obs.shape,
+                layout=layout,
+                layout_inferred=inferred,
+                memory_format=obs.memory_format,
+                dtype=obs.dtype or "float32",
+                producer=None,
+                producer_cls=None,
+                producer_exclusive=False,
+                producer_foldable=False,
+                consumers=(),
+                call_count=1,
+                learned_by="eager",
+            )
+        )
 
 
 def _refuse_uninitialized(model: nn.Module) -> None:
@@ -286,21 +408,20 @@ def _recording_hook(obs: _Observed) -> Callable[..., None]:
 def _run_forward(model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any]) -> dict[str, _Observed]:
     """One forward pass, eval mode, no grad. Through the graph only when functional sites need shapes."""
     functional = {n.name for n in graph.nodes if is_functional_batch_norm(n)} if graph is not None else set()
-    shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
-    try:
-        with torch.no_grad():
-            if functional:
-                recorder = _FunctionalRecorder(fx.GraphModule(model, graph), functional)
-                recorder.run(*inputs)
-                return recorder.seen
-            model(*inputs)
-            return {}
-    except Exception as exc:
-        raise TraceError(
-            f"{type(model).__name__} failed on example inputs of shape {shapes}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. Give inputs the model accepts: "
-            f"example_inputs=... (API) or --input-size C,H,W (CLI)."
-        ) from exc
+    with torch.no_grad():
+        if functional:
+            recorder = _FunctionalRecorder(fx.GraphModule(model, graph), functional)
+            recorder.run(*inputs)
+            return recorder.seen
+        model(*inputs)
+        return {}
+
+
+def _as_batch_of_two(inputs: Sequence[Any]) -> tuple[Any, ...] | None:
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if not tensors or any(x.ndim == 0 or x.shape[0] != 1 for x in tensors):
+        return None
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 def _module_nodes(graph: fx.Graph | None) -> dict[str, list[fx.Node]]:
