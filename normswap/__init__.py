@@ -1,6 +1,9 @@
 """normswap: swap the normalization layers of existing PyTorch models, with a plan you can read."""
 
 from .api import apply_plan, convert, plan
+from .calibrate import CalibrationResult, calibrate, synthesize_inputs
+from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
+from .recover import RecoveryResult, recover
 from .checks import batch_dependence, output_drift
 from .data import InputSet, load_inputs
 from .drift import ValidationFailed, validate
@@ -27,6 +30,15 @@ __all__ = [
     "convert",
     "apply_plan",
     "validate",
+    "calibrate",
+    "synthesize_inputs",
+    "CalibrationResult",
+    "recover",
+    "RecoveryResult",
+    "progressive",
+    "Transition",
+    "TransitionCallback",
+    "ProgressiveNorm",
     "load_inputs",
     "InputSet",
     "ValidationFailed",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 
 from .apply import apply_plan as _apply
 from .apply import batchnorm_left
+from .calibrate import CalibrationResult, calibrate, synthesize_inputs
 from .checks import count_parameters
 from .data import load_inputs
 from .planner import build_plan
@@ -51,54 +53,66 @@ def convert(
     max_drift: float | None = None,
     min_top1_agreement: float | None = None,
     strict: bool = False,
+    calibration: Any = None,
+    calibration_fit: str = "least-squares",
+    calibration_sweeps: int = 2,
+    synthesis_steps: int = 200,
     **facts: Any,
 ) -> Conversion:
     """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
 
-    With ``validate`` (default) the report holds a :class:`~normswap.types.DriftReport` comparing the
-    original and the converted model on ``data`` (anything :func:`normswap.validate` takes), or on a
-    few synthetic samples shaped like ``example_inputs``. ``strict`` raises
+    ``calibration`` refits the new norm layers against the original (:func:`normswap.calibrate`):
+    give data (a tensor, an image folder, a tensor file) or ``"data-free"`` to synthesise inputs from
+    the BatchNorm running statistics first. With ``validate`` (default) the report holds a
+    :class:`~normswap.types.DriftReport` comparing the original and the converted model on ``data``,
+    or on a few synthetic samples shaped like ``example_inputs``. ``strict`` raises
     :class:`~normswap.drift.ValidationFailed` when ``max_drift`` or ``min_top1_agreement`` fails.
     """
-    started = time.perf_counter()
+    clock = [time.perf_counter()]
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     before = count_parameters(model)
     the_plan = plan(model, recipe, inputs, **facts)
-    planned = time.perf_counter()
-    original = copy.deepcopy(model) if inplace and validate else model
+    clock.append(time.perf_counter())
+    original = copy.deepcopy(model) if inplace and (validate or calibration is not None) else model
     applied = _apply(model, the_plan, inplace=inplace)
-    applied_at = time.perf_counter()
+    clock.append(time.perf_counter())
+    calibrated = None
+    if calibration is not None:
+        calibrated = _calibrate(original, applied.model, the_plan, calibration, calibration_fit,
+                                calibration_sweeps, synthesis_steps, tuple(inputs[0].shape[1:]))
+    clock.append(time.perf_counter())
     drift = None
     if validate:
         samples = None if data is not None else CONVERT_VALIDATION_SAMPLES
         checked = load_inputs(original, data, limit=samples, example_shape=tuple(inputs[0].shape))
-        drift = validate_drift(
-            original,
-            applied.model,
-            checked,
-            plan=the_plan,
-            repeats=3,
-            max_drift=max_drift,
-            min_top1_agreement=min_top1_agreement,
-        )
-    validated = time.perf_counter()
+        drift = validate_drift(original, applied.model, checked, plan=the_plan, repeats=3, max_drift=max_drift,
+                               min_top1_agreement=min_top1_agreement)
+    clock.append(time.perf_counter())
     after = count_parameters(applied.model)
+    steps = ("plan_s", "apply_s", "calibrate_s", "validate_s")
     report = Report(
-        model_cls=the_plan.model_cls,
-        recipe=the_plan.recipe,
-        facts=the_plan.facts,
-        plan_summary=the_plan.summary(),
-        swaps=tuple(applied.swaps),
-        warnings=tuple(applied.warnings),
-        timings={"plan_s": planned - started, "apply_s": applied_at - planned, "validate_s": validated - applied_at},
-        params_before=before[0],
-        params_after=after[0],
-        buffers_before=before[1],
-        buffers_after=after[1],
-        batchnorm_left=tuple(batchnorm_left(applied.model)),
-        drift=drift,
+        model_cls=the_plan.model_cls, recipe=the_plan.recipe, facts=the_plan.facts,
+        plan_summary=the_plan.summary(), swaps=tuple(applied.swaps), warnings=tuple(applied.warnings),
+        timings={name: b - a for name, a, b in zip(steps, clock[:-1], clock[1:], strict=True)},
+        params_before=before[0], params_after=after[0], buffers_before=before[1], buffers_after=after[1],
+        batchnorm_left=tuple(batchnorm_left(applied.model)), drift=drift,
+        calibration=calibrated.to_dict() if calibrated is not None else None,
     )
     conversion = Conversion(model=applied.model, plan=the_plan, report=report)
     if strict and drift is not None and drift.failures:
         raise ValidationFailed(drift)
     return conversion
+
+
+def _calibrate(original: nn.Module, converted: nn.Module, plan: Plan, calibration: Any, fit: str, sweeps: int,
+               synthesis_steps: int, input_size: tuple[int, ...]) -> CalibrationResult:
+    """``calibration``: data (anything load_inputs takes) or ``"data-free"``."""
+    if isinstance(calibration, str) and calibration == "data-free":
+        started = time.perf_counter()
+        synthetic = synthesize_inputs(original, steps=synthesis_steps, input_size=input_size)
+        result = calibrate(original, converted, synthetic, plan=plan, fit=fit, sweeps=sweeps,
+                           source="data-free (synthesised from BatchNorm running statistics)")
+        synthesis = {"samples": int(synthetic.shape[0]), "steps": synthesis_steps,
+                     "seconds": time.perf_counter() - started}
+        return dataclasses.replace(result, synthesis=synthesis)
+    return calibrate(original, converted, calibration, plan=plan, fit=fit, sweeps=sweeps)

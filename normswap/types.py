@@ -376,6 +376,7 @@ class Report:
     buffers_after: int
     batchnorm_left: tuple[str, ...]
     drift: DriftReport | None = None
+    calibration: Mapping[str, Any] | None = None
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

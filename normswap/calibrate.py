@@ -1,0 +1,320 @@
+"""Calibration: refit each converted norm layer's affine against the original network.
+
+Sites are fitted in execution order inside the converted model's own forward pass, so each site sees
+the converted network's upstream activations (already calibrated ones included) and errors do not
+compound. Its target is the original network's pre-activation BatchNorm output at the same path, on
+the same batch. The fit is per channel and streamed (sums, not activations), so one pass over the
+calibration data fits every site; a second sweep refines the fits with calibrated upstream layers.
+Cost: ``sweeps`` × (one original + one converted forward) over the data, whatever the site count.
+
+Without data, :func:`synthesize_inputs` makes inputs whose per-layer batch statistics match the
+original's BatchNorm running statistics (DeepInversion / ZeroQ style), before those statistics are
+gone, and calibration runs on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .data import InputSet, load_inputs, model_input_size
+from .errors import DataError, PlanError, unknown_name
+from .tracing import model_state_guard
+from .types import Plan
+
+FITS = ("least-squares", "moments", "blend")
+
+
+def calibratable(module: nn.Module) -> bool:
+    """GroupNorm (layernorm-chw included), InstanceNorm and channel LayerNorm, timm's norm+act too."""
+    if isinstance(module, (nn.GroupNorm, _InstanceNorm)):
+        return True
+    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+
+
+def normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The converted layer's output before its affine (and activation), or None if it is not a norm
+    normswap can calibrate."""
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    if isinstance(module, _InstanceNorm):
+        return F.instance_norm(x, eps=module.eps)
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        if x.ndim == 2:
+            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        return F.layer_norm(x.movedim(1, -1), module.normalized_shape, None, None, module.eps).movedim(-1, 1)
+    return None
+
+
+def _finish(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """timm norm+act modules apply drop and activation after the affine."""
+    for name in ("drop", "act"):
+        part = getattr(module, name, None)
+        if isinstance(part, nn.Module):
+            y = part(y)
+    return y
+
+
+def _channels_last_view(t: torch.Tensor) -> torch.Tensor:
+    """N×C×… as (samples·positions)×C, for per-channel sums."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1]).double()
+
+
+@dataclass
+class _Moments:
+    """Per-channel running sums of the normalized input n and the target t."""
+
+    n: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+    nn_: torch.Tensor | None = None
+    tt: torch.Tensor | None = None
+    nt: torch.Tensor | None = None
+    count: int = 0
+
+    def add(self, n: torch.Tensor, t: torch.Tensor) -> None:
+        a, b = _channels_last_view(n), _channels_last_view(t)
+        sums = (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), (a * b).sum(0))
+        if self.n is None:
+            self.n, self.t, self.nn_, self.tt, self.nt = sums
+        else:
+            self.n, self.t, self.nn_, self.tt, self.nt = (
+                x + y for x, y in zip((self.n, self.t, self.nn_, self.tt, self.nt), sums, strict=True)
+            )
+        self.count += a.shape[0]
+
+    def fit(self, kind: str, fallback_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (gamma, beta) mapping n onto t.
+
+        least-squares: gamma = cov(n, t) / var(n); moments: gamma = sign(cov)·std(t)/std(n), matching
+        the target's mean and variance; blend: their average. beta = mean(t) − gamma·mean(n).
+        Channels whose normalized input is constant keep the transferred gamma."""
+        assert self.n is not None and self.t is not None and self.nn_ is not None
+        assert self.tt is not None and self.nt is not None
+        k = float(self.count)
+        mean_n, mean_t = self.n / k, self.t / k
+        var_n = (self.nn_ / k - mean_n**2).clamp_min(0)
+        var_t = (self.tt / k - mean_t**2).clamp_min(0)
+        cov = self.nt / k - mean_n * mean_t
+        usable = var_n > 1e-10
+        safe = torch.where(usable, var_n, torch.ones_like(var_n))
+        least_squares = cov / safe
+        moments = torch.sign(cov) * (var_t / safe).sqrt()
+        gamma = {"least-squares": least_squares, "moments": moments, "blend": (least_squares + moments) / 2}[kind]
+        gamma = torch.where(usable, gamma, fallback_weight.double())
+        beta = mean_t - gamma * mean_n
+        return gamma, beta
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What calibration did: JSON-friendly, it goes into the conversion report."""
+
+    source: str
+    fit: str
+    sweeps: int
+    samples: int
+    calibrated: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    synthesis: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "fit": self.fit,
+            "sweeps": self.sweeps,
+            "samples": self.samples,
+            "calibrated": list(self.calibrated),
+            "skipped": [list(s) for s in self.skipped],
+            "synthesis": dict(self.synthesis),
+        }
+
+
+@dataclass(frozen=True)
+class _Site:
+    path: str
+    original: _BatchNorm
+    converted: nn.Module
+
+
+def _sites(original: nn.Module, converted: nn.Module, plan: Plan | None) -> tuple[list[_Site], list[tuple[str, str]]]:
+    originals, converteds = dict(original.named_modules()), dict(converted.named_modules())
+    paths = (
+        [e.site.path for e in plan.conversions if e.site.kind == "module"]
+        if plan is not None
+        else [p for p, m in originals.items() if isinstance(m, _BatchNorm)]
+    )
+    sites, skipped = [], []
+    for path in paths:
+        old, new = originals.get(path), converteds.get(path)
+        if not isinstance(old, _BatchNorm) or new is None:
+            continue
+        if not calibratable(new):
+            skipped.append((path, f"{type(new).__name__} is not a norm calibration refits"))
+        elif getattr(new, "weight", None) is None:
+            skipped.append((path, "the converted layer has no affine to refit"))
+        else:
+            sites.append(_Site(path, old, new))
+    return sites, skipped
+
+
+def _bn_target(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """The original BatchNorm's eval-mode output before any activation of a norm+act module."""
+    use_batch = bn.running_mean is None
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, use_batch, 0.0, bn.eps)
+
+
+@contextmanager
+def _hooks(handles: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _record_targets(site: _Site, targets: dict[str, list[torch.Tensor]]) -> Callable[..., None]:
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        targets.setdefault(site.path, []).append(_bn_target(site.original, args[0]).detach())
+
+    return hook
+
+
+def _refit(
+    site: _Site, targets: dict[str, list[torch.Tensor]], moments: dict[str, _Moments], fit: str
+) -> Callable[..., torch.Tensor | None]:
+    """Forward hook on the converted site: add this batch, fit on everything so far, and hand the
+    calibrated output downstream."""
+    calls = {"i": 0}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], _out: Any) -> torch.Tensor | None:
+        queue = targets.get(site.path, [])
+        if calls["i"] >= len(queue):
+            return None
+        target = queue[calls["i"]]
+        calls["i"] += 1
+        n = normalized(module, args[0])
+        assert n is not None
+        stats = moments.setdefault(site.path, _Moments())
+        stats.add(n, target)
+        gamma, beta = stats.fit(fit, module.weight.detach())
+        view = (1, -1) + (1,) * (n.ndim - 2)
+        y = n * gamma.to(n.dtype).view(view) + beta.to(n.dtype).view(view)
+        return _finish(module, y)
+
+    return hook
+
+
+def calibrate(
+    original: nn.Module,
+    converted: nn.Module,
+    data: Any,
+    *,
+    plan: Plan | None = None,
+    fit: str = "least-squares",
+    sweeps: int = 2,
+    batch_size: int = 32,
+    source: str | None = None,
+) -> CalibrationResult:
+    """Refit the affine of every converted norm layer of ``converted`` (in place) so that, on
+    ``data``, it reproduces the original network's BatchNorm output at the same path.
+
+    ``fit``: ``least-squares`` (per-channel regression), ``moments`` (match mean and variance) or
+    ``blend``. ``data``: anything :func:`normswap.load_inputs` takes (a tensor, an image folder, a
+    tensor file). Modes and every other parameter of both models are left as they were.
+    """
+    if fit not in FITS:
+        raise unknown_name("calibration fit", fit, FITS)
+    if sweeps < 1:
+        raise PlanError(f"calibration needs at least one sweep, got {sweeps}.")
+    inputs = data if isinstance(data, InputSet) else load_inputs(original, data, batch_size=batch_size)
+    if inputs.source == "synthetic":
+        raise DataError("calibration needs data: give real samples, or calibration='data-free'.")
+    sites, skipped = _sites(original, converted, plan)
+    with model_state_guard(original), model_state_guard(converted), torch.no_grad():
+        for _ in range(sweeps):
+            moments: dict[str, _Moments] = {}
+            for batch in inputs.batches:
+                targets: dict[str, list[torch.Tensor]] = {}
+                handles = [s.original.register_forward_pre_hook(_record_targets(s, targets)) for s in sites]
+                with _hooks(handles):
+                    original(*batch)
+                handles = [s.converted.register_forward_hook(_refit(s, targets, moments, fit)) for s in sites]
+                with _hooks(handles):
+                    converted(*batch)
+            for site in sites:
+                if site.path in moments:
+                    gamma, beta = moments[site.path].fit(fit, site.converted.weight.detach())
+                    site.converted.weight.copy_(gamma.to(site.converted.weight.dtype))
+                    site.converted.bias.copy_(beta.to(site.converted.bias.dtype))
+    return CalibrationResult(
+        source=source or inputs.source,
+        fit=fit,
+        sweeps=sweeps,
+        samples=inputs.num_samples,
+        calibrated=tuple(s.path for s in sites),
+        skipped=tuple(skipped),
+    )
+
+
+def synthesize_inputs(
+    original: nn.Module,
+    num_samples: int = 32,
+    steps: int = 200,
+    input_size: tuple[int, ...] | None = None,
+    seed: int = 0,
+    lr: float = 0.05,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Inputs whose per-layer batch statistics match the original's BatchNorm running statistics.
+
+    Starting from noise, Adam moves the inputs to minimise, summed over every BatchNorm with running
+    statistics, the standardized gap between the batch mean/std of its input and its running
+    mean/std, with small random shifts per step (DeepInversion's jitter) so the inputs do not overfit
+    one alignment. The model is run in eval mode and not changed.
+    """
+    size = input_size or model_input_size(original)
+    if size is None:
+        raise DataError(f"{type(original).__name__} has no timm input config; pass input_size=(C, H, W).")
+    bns = [m for m in original.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    if not bns:
+        raise PlanError("data-free calibration needs BatchNorm running statistics, and this model has none.")
+    param = next((p for p in original.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((num_samples, *size), generator=generator).to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    losses: list[torch.Tensor] = []
+
+    def statistics_gap(module: _BatchNorm, args: tuple[Any, ...]) -> None:
+        h = args[0].float()
+        dims = [0, *range(2, h.ndim)]
+        scale = (module.running_var.float() + module.eps).sqrt()
+        mean_gap = (h.mean(dims) - module.running_mean.float()) / scale
+        std_gap = (h.var(dims, unbiased=False) + module.eps).sqrt() / scale - 1
+        losses.append(mean_gap.pow(2).mean() + std_gap.pow(2).mean())
+
+    with model_state_guard(original), _hooks([m.register_forward_pre_hook(statistics_gap) for m in bns]):
+        for step in range(steps):
+            losses.clear()
+            shifted = _jitter(x, step, seed) if len(size) >= 2 else x
+            original(shifted.to(param.dtype) if param is not None else shifted)
+            loss = torch.stack(losses).sum() + 1e-4 * x.pow(2).mean()
+            (grad,) = torch.autograd.grad(loss, x)
+            optimizer.zero_grad()
+            x.grad = grad
+            optimizer.step()
+    return x.detach()
+
+
+def _jitter(x: torch.Tensor, step: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    shifts = torch.randint(-2, 3, (2,), generator=g).tolist()
+    return torch.roll(x, shifts=shifts, dims=(-2, -1))

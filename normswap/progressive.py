@@ -1,0 +1,169 @@
+"""Progressive transition: converted layers that start exactly as the original and move to the target.
+
+Each converted norm site becomes a :class:`ProgressiveNorm` computing
+``(1 − α)·FrozenBatchNorm(x) + α·target(x)`` before the site's activation. At α = 0 it is the
+eval-mode original, bit for bit; the training loop advances α with ``transition.step()`` along a
+schedule, so there is no cliff; ``finalize()`` leaves the plain target modules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import RecipeSpec
+from .api import plan as make_plan
+from .apply import _swap_module
+from .apply import apply_plan as _apply
+from .errors import PlanError, unknown_name
+from .layers import FrozenBatchNorm
+from .tracing import module_aliases
+from .transfer import NormState
+from .types import Plan
+
+SCHEDULES = ("linear", "cosine")
+BLENDABLE = ("groupnorm", "layernorm", "layernorm-chw", "instancenorm")
+
+
+class ProgressiveNorm(nn.Module):
+    """``(1 − α)·frozen(x) + α·target(x)``, then the original's drop and activation (if any)."""
+
+    def __init__(self, frozen: nn.Module, target: nn.Module, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.target = target
+        self.drop = drop
+        self.act = act
+        self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha.to(x.dtype)
+        y = (1 - a) * self.frozen(x) + a * self.target(x) if float(self.alpha) > 0 else self.frozen(x)
+        return self.act(self.drop(y))
+
+
+def _detach_activation(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Take a timm norm+act module's drop and activation out, leaving a bare norm."""
+    drop, act = getattr(module, "drop", None), getattr(module, "act", None)
+    if isinstance(act, nn.Module):
+        module.act = nn.Identity()
+    if isinstance(drop, nn.Module):
+        module.drop = nn.Identity()
+    return (
+        drop if isinstance(drop, nn.Module) else nn.Identity(),
+        act if isinstance(act, nn.Module) else nn.Identity(),
+    )
+
+
+def _frozen_from(state: NormState) -> FrozenBatchNorm:
+    assert state.running_mean is not None and state.running_var is not None
+    frozen = FrozenBatchNorm(state.num_features, eps=state.eps).to(device=state.device, dtype=state.dtype)
+    ones = torch.ones_like(state.running_mean)
+    with torch.no_grad():
+        frozen.weight.copy_(state.weight if state.weight is not None else ones)
+        frozen.bias.copy_(state.bias if state.bias is not None else torch.zeros_like(ones))
+        frozen.running_mean.copy_(state.running_mean)
+        frozen.running_var.copy_(state.running_var)
+    return frozen
+
+
+@dataclass
+class Transition:
+    """Drives the blend. Call :meth:`step` once per optimisation step (or use
+    :class:`TransitionCallback`), then :meth:`finalize`."""
+
+    model: nn.Module
+    plan: Plan
+    steps: int
+    schedule: str = "linear"
+    paths: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+    taken: int = 0
+
+    @property
+    def alpha(self) -> float:
+        progress = min(self.taken / self.steps, 1.0)
+        return progress if self.schedule == "linear" else 0.5 - 0.5 * math.cos(math.pi * progress)
+
+    def step(self, n: int = 1) -> float:
+        self.taken = min(self.taken + n, self.steps)
+        for module in self._blends():
+            module.alpha.fill_(self.alpha)
+        return self.alpha
+
+    def _blends(self) -> list[ProgressiveNorm]:
+        return [m for m in self.model.modules() if isinstance(m, ProgressiveNorm)]
+
+    def finalize(self) -> nn.Module:
+        """Replace every blend by its target module (activation re-attached); returns the model."""
+        aliases = module_aliases(self.model)
+        for path in self.paths:
+            blend = self.model.get_submodule(path)
+            if not isinstance(blend, ProgressiveNorm):
+                continue
+            target = blend.target
+            if not isinstance(blend.act, nn.Identity) or not isinstance(blend.drop, nn.Identity):
+                if hasattr(target, "act"):
+                    target.act, target.drop = blend.act, blend.drop
+                else:
+                    target = nn.Sequential(target, blend.drop, blend.act)
+            _swap_module(self.model, path, target, aliases)
+        self.taken = self.steps
+        return self.model
+
+
+class TransitionCallback:
+    """Lightning-style callback: advances the transition after every training batch and finalizes
+    at the end of training. Works with any trainer that calls these hook names."""
+
+    def __init__(self, transition: Transition, finalize_at_end: bool = True) -> None:
+        self.transition = transition
+        self.finalize_at_end = finalize_at_end
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.transition.step()
+
+    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.finalize_at_end:
+            self.transition.finalize()
+
+
+def progressive(
+    model: nn.Module,
+    recipe: RecipeSpec,
+    steps: int,
+    example_inputs: Any = None,
+    schedule: str = "linear",
+    inplace: bool = False,
+    **facts: Any,
+) -> Transition:
+    """Convert ``model`` by ``recipe`` with every norm site blended from the frozen original (α = 0)
+    to its target (α = 1) over ``steps`` calls of ``transition.step()``."""
+    if steps < 1:
+        raise PlanError(f"a transition needs at least one step, got {steps}.")
+    if schedule not in SCHEDULES:
+        raise unknown_name("schedule", schedule, SCHEDULES)
+    the_plan = make_plan(model, recipe, example_inputs, **facts)
+    converted = _apply(model, the_plan).model
+    originals = dict(model.named_modules())
+    aliases = module_aliases(converted)
+    paths, skipped = [], {}
+    for entry in the_plan.conversions:
+        path = entry.site.path
+        if entry.target not in BLENDABLE or entry.site.kind != "module":
+            skipped[path] = f"{entry.target} is swapped directly"
+            continue
+        if not entry.site.has_running_stats:
+            skipped[path] = "no running statistics to start from"
+            continue
+        state = NormState.from_module(originals[path])
+        new = converted.get_submodule(path)
+        drop, act = _detach_activation(new)
+        blend = ProgressiveNorm(_frozen_from(state), new, drop, act).train(new.training)
+        _swap_module(converted, path, blend, aliases)
+        paths.append(path)
+    return Transition(converted, the_plan, steps, schedule, tuple(paths), skipped)

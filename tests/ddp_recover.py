@@ -1,0 +1,39 @@
+"""Run by tests/test_recovery.py under torchrun with 2 processes: recovery with DDP on gloo."""
+
+import hashlib
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import normswap
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # every rank builds the same model and data
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 5)).eval()
+    data = torch.randn(64, 3, 6, 6)
+    model.train()
+    with torch.no_grad():
+        model(data)
+    model.eval()
+    converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    before = normswap.validate(model, converted, data, measure=False).headline.relative_l2
+    result = normswap.recover(model, converted, data, steps=30, lr=3e-3, batch_size=8, progress=False, seed=rank)
+    after = normswap.validate(model, converted, data, measure=False).headline.relative_l2
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in converted.parameters())).hexdigest()
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if rank == 0:
+        json.dump({"world": result.world_size, "drift_before": before, "drift_after": after,
+                   "same_weights": len(set(digests)) == 1}, open(sys.argv[1], "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

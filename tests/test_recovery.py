@@ -1,0 +1,156 @@
+"""Closing the drift: calibration (with and without data), progressive transition, distillation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normswap
+
+from .models import trained_stats
+
+
+def small_cnn(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A BatchNorm CNN whose running statistics describe its data (as after training)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10), nn.BatchNorm1d(10),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    data = torch.randn(96, 3, 8, 8) * torch.linspace(0.5, 2, 3).view(1, 3, 1, 1) + 0.3
+    return trained_stats(model, data, steps=20), data
+
+
+def drift_of(original, conversion_model, held):
+    return normswap.validate(original, conversion_model, held, measure=False).headline.relative_l2
+
+
+def test_calibration_reduces_drift_on_held_out_data():
+    model, data = small_cnn()
+    calibration, held = data[:64], data[64:]
+    plain = normswap.convert(model, "small-batch", data[:1], validate=False)
+    before = drift_of(model, plain.model, held)
+    for fit in ("least-squares", "moments", "blend"):
+        calibrated = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=calibration,
+                                      calibration_fit=fit)
+        after = drift_of(model, calibrated.model, held)
+        assert after < 0.6 * before, f"{fit}: {after} vs {before}"
+        info = calibrated.report.calibration
+        assert info["fit"] == fit and info["samples"] == 64 and len(info["calibrated"]) == 3
+
+
+def test_calibration_leaves_the_original_untouched_and_is_deterministic():
+    from .conftest import model_fingerprint
+
+    model, data = small_cnn()
+    before = model_fingerprint(model)
+    a = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=data[:32]).model
+    b = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=data[:32]).model
+    assert model_fingerprint(model) == before
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_data_free_calibration_uses_the_running_statistics():
+    model, data = small_cnn()
+    synthetic = normswap.synthesize_inputs(model, num_samples=32, steps=60, input_size=(3, 8, 8))
+    # The synthesised inputs reproduce the first BatchNorm's statistics far better than noise does.
+    first_bn = model[1]
+
+    def gap(x):
+        with torch.no_grad():
+            h = model[0](x)
+        return float(((h.mean((0, 2, 3)) - first_bn.running_mean) ** 2).mean())
+
+    assert gap(synthetic) < 0.2 * gap(torch.randn(32, 3, 8, 8))
+    plain = normswap.convert(model, "small-batch", data[:1], validate=False)
+    free = normswap.convert(model, "small-batch", data[:1], validate=False, calibration="data-free",
+                            synthesis_steps=60)
+    assert free.report.calibration["source"].startswith("data-free")
+    assert drift_of(model, free.model, data) < drift_of(model, plain.model, data)
+
+
+def test_progressive_transition_starts_exact_moves_smoothly_and_finalizes():
+    model, data = small_cnn()
+    transition = normswap.progressive(model, "small-batch", steps=4, example_inputs=data[:1])
+    blended = transition.model.eval()
+    with torch.no_grad():
+        reference = model(data)
+        assert torch.equal(blended(data), reference), "step 0 is the original, bit for bit"
+        outputs = []
+        for _ in range(4):
+            transition.step()
+            outputs.append(blended(data))
+    assert transition.alpha == 1.0
+    gaps = [float((b - a).norm() / reference.norm()) for a, b in zip([reference, *outputs], outputs, strict=False)]
+    assert max(gaps) < 2.5 * min(gaps) + 1e-6, f"no cliff: the steps move the output evenly ({gaps})"
+    final = transition.finalize()
+    assert not any(isinstance(m, (nn.BatchNorm2d, normswap.ProgressiveNorm)) for m in final.modules())
+    with torch.no_grad():
+        assert torch.allclose(final.eval()(data), outputs[-1], atol=1e-6)
+
+
+def test_transition_callback_drives_a_training_loop():
+    model, data = small_cnn()
+    transition = normswap.progressive(model, "small-batch", steps=3, example_inputs=data[:1])
+    callback = normswap.TransitionCallback(transition)
+    optimizer = torch.optim.SGD(transition.model.parameters(), lr=1e-3)
+    transition.model.train()
+    for batch in data.split(32):
+        loss = transition.model(batch).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        callback.on_train_batch_end(None, None, None, batch, 0)
+    callback.on_train_end(None, None)
+    assert transition.alpha == 1.0
+    assert not any(isinstance(m, normswap.ProgressiveNorm) for m in transition.model.modules())
+
+
+def test_recovery_by_distillation_closes_most_of_the_gap_and_resumes(tmp_path):
+    model, data = small_cnn()
+    converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    before = drift_of(model, converted, data[64:])
+    result = normswap.recover(model, converted, data[:64], steps=60, lr=3e-3, batch_size=16, progress=False,
+                              checkpoint_dir=tmp_path, checkpoint_every=20)
+    assert result.final_loss < result.first_loss
+    assert drift_of(model, converted, data[64:]) < 0.7 * before
+    assert (tmp_path / "recover-checkpoint.pt").exists()
+    again = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    resumed = normswap.recover(model, again, data[:64], steps=60, lr=3e-3, batch_size=16, progress=False,
+                               checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 60
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+
+
+def test_recovery_with_feature_loss_runs():
+    model, data = small_cnn()
+    conversion = normswap.convert(model, "small-batch", data[:1], validate=False)
+    result = normswap.recover(model, conversion.model, data, steps=5, lr=1e-3, batch_size=16, progress=False,
+                              feature_weight=1.0, plan=conversion.plan)
+    assert result.steps == 5 and result.final_loss == result.final_loss
+
+
+def test_recovery_under_torchrun_with_two_processes(tmp_path):
+    out = tmp_path / "ddp.json"
+    script = Path(__file__).with_name("ddp_recover.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["world"] == 2 and summary["same_weights"], summary
+    assert summary["drift_after"] < summary["drift_before"]
