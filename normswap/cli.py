@@ -73,7 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
     convert.add_argument("--force", action="store_true", help="replace an existing output directory")
     convert.add_argument("--no-validate", action="store_true", help="skip the drift check")
+    convert.add_argument("--calibrate", metavar="DATA", help="refit the new layers on DATA (images folder or "
+                         "tensor file), or 'data-free' to synthesise inputs from the BatchNorm statistics")
+    convert.add_argument("--calibration-fit", default="least-squares", choices=["least-squares", "moments", "blend"])
+    convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                         help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
+    convert.add_argument("--recover-lr", type=float, default=1e-4, metavar="LR", help="default 1e-4")
     _add_validation_args(convert)
+
+    recover = sub.add_parser("recover", help="fine-tune a CONVERTED saved directory against ORIGINAL by distillation")
+    _add_model_args(recover)
+    recover.add_argument("converted", metavar="CONVERTED", help="a directory written by normswap convert")
+    recover.add_argument("--data", required=True, metavar="PATH", help="training inputs: images folder or tensor file")
+    recover.add_argument("--steps", type=int, default=200)
+    recover.add_argument("--lr", type=float, default=1e-4)
+    recover.add_argument("--recover-batch-size", type=int, default=32, metavar="N")
+    recover.add_argument("--feature-weight", type=float, default=0.0, help="weight of the per-site feature loss")
+    recover.add_argument("--checkpoint-dir", metavar="DIR", help="save every 50 steps here and resume from it")
+    recover.add_argument("--output", "-o", required=True, metavar="DIR")
+    recover.add_argument("--force", action="store_true", help="replace an existing output directory")
 
     validate = sub.add_parser("validate", help="measure drift between ORIGINAL and a CONVERTED saved directory")
     _add_model_args(validate)
@@ -183,19 +201,75 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise OutputExistsError(f"output directory {args.output!r} exists; pass --force to replace it.")
     model, spec = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
     data = None if args.no_validate else _data(model, args)
-    conversion = api.convert(
-        model,
-        args.recipe,
-        _input_size(args.input_size),
-        validate=not args.no_validate,
-        data=data,
-        max_drift=args.max_drift,
-        min_top1_agreement=args.min_top1_agreement,
-        **_facts(args),
-    )
+    calibration = _calibration(model, args)
+    conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
+                             calibration=calibration, calibration_fit=args.calibration_fit, **_facts(args))
+    if args.recover_steps:
+        conversion = _recover_conversion(model, conversion, calibration, data, args)
+    if not args.no_validate:
+        conversion = _validated(model, conversion, data, args)
     io.save(conversion, args.output, force=args.force, model_spec=spec)
     _print_conversion(conversion, args.output)
     return _verdict_code(conversion.report.drift)
+
+
+def _calibration(model: Any, args: argparse.Namespace) -> Any:
+    from .data import load_inputs
+
+    if not args.calibrate or args.calibrate == "data-free":
+        return args.calibrate
+    return load_inputs(model, args.calibrate, batch_size=32)
+
+
+def _recover_conversion(model: Any, conversion: Any, calibration: Any, data: Any, args: argparse.Namespace) -> Any:
+    from .recover import recover
+
+    train = calibration if calibration is not None and calibration != "data-free" else data
+    if train is None or getattr(train, "source", "") == "synthetic":
+        raise NormswapError("--recover-steps needs real data: give --calibrate DATA or --data PATH.")
+    result = recover(model, conversion.model, train, steps=args.recover_steps, lr=args.recover_lr,
+                     plan=conversion.plan)
+    extra = dict(conversion.report.calibration or {}) | {"recovery": result.to_dict()}
+    return dataclasses.replace(conversion, report=dataclasses.replace(conversion.report, calibration=extra))
+
+
+def _validated(model: Any, conversion: Any, data: Any, args: argparse.Namespace) -> Any:
+    from .drift import validate
+
+    drift = validate(model, conversion.model, data, plan=conversion.plan, repeats=3, max_drift=args.max_drift,
+                     min_top1_agreement=args.min_top1_agreement, progress=True)
+    return dataclasses.replace(conversion, report=dataclasses.replace(conversion.report, drift=drift))
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from . import io
+    from .data import load_inputs
+    from .drift import validate
+    from .errors import OutputExistsError
+    from .models import resolve_model
+    from .recover import recover
+    from .render import print_report
+    from .types import Conversion
+
+    if Path(args.output).exists() and not args.force:
+        raise OutputExistsError(f"output directory {args.output!r} exists; pass --force to replace it.")
+    original, spec = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
+    plan = io.read_plan(args.converted)
+    converted = io.load(args.converted, _fresh_instance(args.converted, spec))
+    data = load_inputs(original, args.data, batch_size=args.recover_batch_size)
+    result = recover(original, converted, data, steps=args.steps, lr=args.lr, batch_size=args.recover_batch_size,
+                     feature_weight=args.feature_weight, plan=plan, checkpoint_dir=args.checkpoint_dir)
+    drift = validate(original, converted, data, plan=plan, repeats=3)
+    saved = io.read_report(args.converted) if (Path(args.converted) / "report.json").is_file() else None
+    base = saved or _report_from_drift(plan, drift)
+    calibration = dict(base.calibration or {}) | {"recovery": result.to_dict()}
+    report = dataclasses.replace(base, drift=drift, calibration=calibration)
+    io.save(Conversion(converted, plan, report), args.output, force=args.force,
+            model_spec=io.read_meta(args.converted).get("model") or spec)
+    print_report(report, _console())
+    _console().print(f"recovered {result.steps} steps in {result.seconds:.1f}s (loss {result.first_loss:.4g} → "
+                     f"{result.final_loss:.4g}); wrote {args.output}/", highlight=False)
+    return 0
 
 
 def _print_conversion(conversion: Any, output: str) -> None:
@@ -313,6 +387,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "validate": cmd_validate,
     "report": cmd_report,
+    "recover": cmd_recover,
     "demo": cmd_demo,
 }
 

@@ -30,8 +30,9 @@ def main() -> None:
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest)
     if rank == 0:
-        json.dump({"world": result.world_size, "drift_before": before, "drift_after": after,
-                   "same_weights": len(set(digests)) == 1}, open(sys.argv[1], "w"))
+        with open(sys.argv[1], "w") as fh:
+            json.dump({"world": result.world_size, "drift_before": before, "drift_after": after,
+                       "same_weights": len(set(digests)) == 1}, fh)
     dist.destroy_process_group()
 
 

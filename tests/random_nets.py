@@ -59,7 +59,8 @@ def blocks() -> st.SearchStrategy[Block]:
 
 def net_specs() -> st.SearchStrategy[NetSpec]:
     return st.builds(NetSpec, layout=st.sampled_from(["features", "sequence", "image", "volume"]),
-                     in_channels=st.sampled_from([1, 3, 4]), blocks=st.lists(blocks(), min_size=1, max_size=4).map(tuple),
+                     in_channels=st.sampled_from([1, 3, 4]),
+                     blocks=st.lists(blocks(), min_size=1, max_size=4).map(tuple),
                      head_bn=st.none() | bn_specs(), batch=st.sampled_from([2, 3]),
                      traceable=st.booleans())
 

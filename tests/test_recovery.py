@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
@@ -154,3 +153,30 @@ def test_recovery_under_torchrun_with_two_processes(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["world"] == 2 and summary["same_weights"], summary
     assert summary["drift_after"] < summary["drift_before"]
+
+
+def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path):
+    from safetensors.torch import save_model
+
+    from normswap.cli import main
+
+    model, data = small_cnn()
+    torch.save(data, tmp_path / "data.pt")
+    weights = tmp_path / "w.safetensors"
+    save_model(model, str(weights))
+    (tmp_path / "factory.py").write_text(
+        "from tests.test_recovery import small_cnn\n\ndef build():\n    return small_cnn()[0]\n")
+    import sys as _sys
+
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        base = ["--checkpoint", str(weights), "--input-size", "3,8,8"]
+        assert main(["convert", "factory:build", *base, "-r", "small-batch", "--calibrate", str(tmp_path / "data.pt"),
+                     "--recover-steps", "5", "--data", str(tmp_path / "data.pt"), "-o", str(tmp_path / "c")]) == 0
+        report = json.loads((tmp_path / "c" / "report.json").read_text())
+        assert report["calibration"]["fit"] == "least-squares" and report["calibration"]["recovery"]["steps"] == 5
+        assert main(["recover", "factory:build", str(tmp_path / "c"), *base, "--data", str(tmp_path / "data.pt"),
+                     "--steps", "3", "-o", str(tmp_path / "r")]) == 0
+        assert json.loads((tmp_path / "r" / "report.json").read_text())["calibration"]["recovery"]["steps"] == 3
+    finally:
+        _sys.path.remove(str(tmp_path))
