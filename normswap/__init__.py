@@ -4,7 +4,7 @@ from .api import apply_plan, convert, plan
 from .calibrate import CalibrationResult, calibrate, synthesize_inputs
 from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
 from .recover import RecoveryResult, recover
-from .checks import batch_dependence, output_drift
+from .checks import batch_dependence
 from .data import InputSet, load_inputs
 from .drift import ValidationFailed, validate
 from .errors import (
@@ -46,7 +46,6 @@ __all__ = [
     "save",
     "load",
     "batch_dependence",
-    "output_drift",
     "Plan",
     "PlanEntry",
     "Site",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,33 +22,6 @@ def first_tensor(output: Any) -> torch.Tensor:
             except TypeError:
                 continue
     raise TypeError(f"model output of type {type(output).__name__} holds no tensor")
-
-
-def output_drift(original: nn.Module, converted: nn.Module, inputs: Sequence[Any]) -> dict[str, float]:
-    """Eval-mode difference of the two models' outputs on the same inputs: relative L2, mean per-sample
-    cosine similarity, max absolute error, and top-1 agreement for N×K outputs."""
-    a, b = (_eval_output(m, inputs) for m in (original, converted))
-    a, b = (
-        a.double().flatten(1) if a.ndim > 1 else a.double()[None],
-        b.double().flatten(1) if b.ndim > 1 else b.double()[None],
-    )
-    rel = float((a - b).norm() / a.norm().clamp_min(1e-12))
-    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
-    drift = {"relative_l2": rel, "cosine": cos, "max_abs": float((a - b).abs().max())}
-    if a.shape[1] > 1:
-        drift["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
-    return drift
-
-
-def _eval_output(model: nn.Module, inputs: Sequence[Any]) -> torch.Tensor:
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            return first_tensor(model(*inputs))
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:

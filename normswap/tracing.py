@@ -349,33 +349,10 @@ class _EagerFunctionalCalls(TorchFunctionMode):
         name = "batch_norm" + (f"_{len(self.sites)}" if self.sites else "")
         obs = _Observed()
         obs.record(x)
-        layout, inferred = _layout(obs.shape, None)
-        self.sites.append(
-            Site(
-                path=f"{owner}.{name}" if owner else name,
-                kind="functional",
-                cls=f"{F.batch_norm.__module__}.batch_norm",
-                num_features=int(x.shape[1]) if x.ndim > 1 else 0,
-                affine=a["weight"] is not None,
-                track_running_stats=a["running_mean"] is not None,
-                has_running_stats=a["running_mean"] is not None and a["running_var"] is not None,
-                eps=float(a["eps"]),
-                momentum=a["momentum"],
-                has_act=False,
-                input_shape=obs.shape,
-                layout=layout,
-                layout_inferred=inferred,
-                memory_format=obs.memory_format,
-                dtype=obs.dtype or "float32",
-                producer=None,
-                producer_cls=None,
-                producer_exclusive=False,
-                producer_foldable=False,
-                consumers=(),
-                call_count=1,
-                learned_by="eager",
-            )
-        )
+        has_stats = a["running_mean"] is not None and a["running_var"] is not None
+        path = f"{owner}.{name}" if owner else name
+        channels = int(x.shape[1]) if x.ndim > 1 else 0
+        self.sites.append(_call_site(path, a, obs, channels, has_stats, _Structure(), "eager", None))
 
 
 def _refuse_uninitialized(model: nn.Module) -> None:
@@ -532,31 +509,23 @@ def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module, module_nod
     else:
         channels = 0
     st = _structure([node], model, module_nodes)
+    has_stats = tensors["running_mean"] is not None and tensors["running_var"] is not None
+    return _call_site(functional_site_path(node), args, obs, channels, has_stats, st, "fx", node.name)
+
+
+def _call_site(path: str, args: dict[str, Any], obs: _Observed, channels: int, has_stats: bool, st: _Structure,
+               learned_by: Any, node: str | None) -> Site:
+    """A functional batch_norm call as a Site, learned from the graph or at run time."""
     layout, inferred = _layout(obs.shape, None)
     return Site(
-        path=functional_site_path(node),
-        kind="functional",
-        cls=f"{F.batch_norm.__module__}.batch_norm",
-        num_features=channels,
-        affine=args.get("weight") is not None,
-        track_running_stats=args.get("running_mean") is not None,
-        has_running_stats=tensors["running_mean"] is not None and tensors["running_var"] is not None,
-        eps=float(args.get("eps", 1e-5)),
-        momentum=args.get("momentum"),
-        has_act=False,
-        input_shape=obs.shape,
-        layout=layout,
-        layout_inferred=inferred,
-        memory_format=obs.memory_format,
-        dtype=obs.dtype or "float32",
-        producer=st.producer,
-        producer_cls=st.producer_cls,
-        producer_exclusive=st.exclusive,
-        producer_foldable=st.foldable_channels == channels,
-        consumers=st.consumers,
-        call_count=obs.calls,
-        learned_by="fx",
-        node=node.name,
+        path=path, kind="functional", cls=f"{F.batch_norm.__module__}.batch_norm", num_features=channels,
+        affine=args.get("weight") is not None, track_running_stats=args.get("running_mean") is not None,
+        has_running_stats=has_stats, eps=float(args.get("eps", 1e-5)), momentum=args.get("momentum"),
+        has_act=False, input_shape=obs.shape, layout=layout, layout_inferred=inferred,
+        memory_format=obs.memory_format, dtype=obs.dtype or "float32", producer=st.producer,
+        producer_cls=st.producer_cls, producer_exclusive=st.exclusive,
+        producer_foldable=st.foldable_channels == channels and channels > 0, consumers=st.consumers,
+        call_count=max(obs.calls, 1) if learned_by == "eager" else obs.calls, learned_by=learned_by, node=node,
     )
 
 
