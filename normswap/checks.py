@@ -27,7 +27,8 @@ def first_tensor(output: Any) -> torch.Tensor:
 def batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
     """How much sample 0's train-mode output moves when the rest of its batch changes, relative to its
     size: 0 for a model whose samples are independent (what BatchNorm breaks). Runs on a copy, so
-    running statistics of the caller's model are not touched."""
+    running statistics of the caller's model are not touched, with the random generator reseeded
+    before each pass so dropout masks match."""
     if x.shape[0] < 2:
         raise ValueError("batch_dependence needs a batch of at least 2 samples")
     probe = copy.deepcopy(model).train()
@@ -36,8 +37,12 @@ def batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
     scale = float(x.std()) if x.numel() > 1 else 1.0
     scale = scale if scale > 0 and scale == scale else 1.0  # constant or tiny inputs: unit noise
     other[1:] = torch.randn(other[1:].shape, generator=generator).to(x) * scale + float(x.mean())
-    with torch.no_grad():
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        # The same dropout / drop-path masks in both passes: random noise is not batch dependence.
+        torch.manual_seed(seed)
         first = first_tensor(probe(x))[0].double()
+        torch.manual_seed(seed)
         second = first_tensor(probe(other))[0].double()
     return float((first - second).norm() / first.norm().clamp_min(1e-12))
 

