@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -69,7 +70,7 @@ T = TypeVar("T")
 
 
 def normswap_digest() -> str:
-    """A short hash of the normswap code and recipes as imported: results from different versions of a
+    """A short hash of the normswap code and recipes on disk: results from different versions of a
     package under active development must not be mixed unknowingly."""
     h = hashlib.sha256()
     package = Path(normswap.__file__).resolve().parent
@@ -77,10 +78,6 @@ def normswap_digest() -> str:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
-
-
-# Computed when this module is imported, i.e. in the forkserver, next to the normswap it imported.
-NORMSWAP_DIGEST = normswap_digest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -487,11 +484,14 @@ class Options:
     opacus: bool = True
     roundtrip_seed: int = 1
     threads: int | None = None
+    # The normswap every model process runs: the forkserver's import, hashed when the sweep starts it.
+    normswap_digest: str | None = None
 
 
 def run_model(name: str, family: str, opts: Options) -> dict[str, Any]:
     """Everything measured for one model; failures are recorded per step, never raised."""
-    rec: dict[str, Any] = {"name": name, "family": family, "status": "ok", "errors": {}, "normswap": NORMSWAP_DIGEST}
+    digest = opts.normswap_digest or normswap_digest()
+    rec: dict[str, Any] = {"name": name, "family": family, "status": "ok", "errors": {}, "normswap": digest}
     errors = rec["errors"]
     model = attempt(errors, "build", lambda: build_model(name))
     if model is None:
@@ -520,7 +520,6 @@ def run_model(name: str, family: str, opts: Options) -> dict[str, Any]:
     rec["recipes"] = {r: run_recipe(model, fresh, r, inputs, opts.rounds) for r in opts.recipes}
     if opts.opacus:
         rec["opacus"] = run_opacus(model, x_check, opts.rounds)
-    rec["peak_rss_mib"] = (_status_kib("VmPeak") or 0) / 1024
     return rec
 
 
@@ -600,6 +599,7 @@ def sweep(
     timeout: float,
     retry_failed: bool = False,
     redo: frozenset[str] = frozenset(),
+    on_model: Callable[[float], None] | None = None,
 ) -> float:
     """Run every selected model not yet recorded (a later line replaces an earlier one for the same
     model); returns this session's wall time."""
@@ -617,8 +617,11 @@ def sweep(
     if not todo:
         return 0.0
     ctx = mp.get_context("forkserver")
-    # Imported once in the server; each model's process is a fork of it.
-    ctx.set_forkserver_preload(["__main__", "torch", "timm", "normswap", "opacus.validators"])
+    # Imported once, in the server; each model's process is a fork of it. (The fork re-runs this script's
+    # module code, which is cheap with these already imported, but keeps the server's normswap: a sweep
+    # runs one normswap version even while the files change, and records its hash.)
+    ctx.set_forkserver_preload(["torch", "timm", "normswap", "normswap.io", "opacus.validators"])
+    opts = dataclasses.replace(opts, normswap_digest=normswap_digest())
     log = results.with_suffix(".log")
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -630,6 +633,8 @@ def sweep(
             append_result(results, rec)
             progress.console.print(one_line(rec))
             progress.advance(task)
+            if on_model:  # so a sweep that is killed still knows how long its session ran
+                on_model(time.perf_counter() - started)
     return time.perf_counter() - started
 
 
@@ -705,11 +710,12 @@ def _mmss(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def totals(records: Sequence[dict[str, Any]]) -> list[str]:
+def totals(records: Sequence[dict[str, Any]], selected: int | None = None) -> list[str]:
     ran = [r for r in records if "recipes" in r]
     model_failed = _count(records, lambda r: r["status"] in ("build-failed", "model-failed"))
     lines = [
-        f"- Models recorded: **{len(records)}**; ran through the recipes: {len(ran)}; "
+        f"- Models recorded: **{len(records)}**{f' of {selected} selected' if selected else ''}; "
+        f"ran through the recipes: {len(ran)}; "
         f"timed out: {_count(records, lambda r: r['status'] == 'timeout')}; "
         f"crashed: {_count(records, lambda r: r['status'] == 'crashed')}; "
         f"model itself failed (build or forward): {model_failed}."
@@ -1033,7 +1039,7 @@ def render(records: Sequence[dict[str, Any]], mode: str, command: str, meta: dic
         "",
         "### Totals",
         "",
-        *totals(records),
+        *totals(records, meta.get("selected")),
         "",
         "### Conversion time against one batch-1 eval forward",
         "",
@@ -1178,6 +1184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     meta = load_meta(meta_path)
     meta.update(
         selection=selection,
+        selected=len(selected),
         max_size=args.max_size,
         timing_size=args.timing_size,
         rounds=args.rounds,
@@ -1187,10 +1194,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if not args.no_run:
         redo = frozenset(n for n in args.redo.split(",") if n)
-        seconds = sweep(selected, opts, results, args.timeout, args.retry_failed, redo)
-        if seconds:
-            meta["sessions"] = [*meta.get("sessions", []), seconds]
-        normswap.io.write_text_atomic(meta_path, json.dumps(meta, indent=1))
+        earlier = list(meta.get("sessions", []))
+
+        def record_session(seconds: float) -> None:
+            meta["sessions"] = [*earlier, seconds]
+            normswap.io.write_text_atomic(meta_path, json.dumps(meta, indent=1))
+
+        sweep(selected, opts, results, args.timeout, args.retry_failed, redo, record_session)
     wanted = {m.name for m in selected}
     records = sorted((r for r in read_results(results) if r["name"] in wanted), key=lambda r: (r["family"], r["name"]))
     text = render(records, mode, command_line(args), meta)

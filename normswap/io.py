@@ -31,6 +31,18 @@ META = "normswap.json"
 FORMAT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the modes a plain open() or
+    mkdir() would, under the user's umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextmanager
 def atomic_directory(directory: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``directory`` in one rename."""
@@ -43,6 +55,7 @@ def atomic_directory(directory: str | Path, force: bool = False) -> Iterator[Pat
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield staging
+        _public(staging, directory=True)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -61,6 +74,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        _public(Path(tmp))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

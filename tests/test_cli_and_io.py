@@ -154,3 +154,20 @@ def test_installed_launcher_runs_from_a_checkout():
 def test_module_factory_spec_and_input_size(tmp_path, capsys):
     assert run_cli("inspect", "tests.models:SequenceBN", "--input-size", "4,16", "-r", "sequence") == 0
     assert "layernorm" in capsys.readouterr().out
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import stat
+
+    from normswap.io import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        normswap.save(normswap.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), "small-batch",
+                                       torch.randn(1, 3, 8, 8), validate=False), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "report.json").stat().st_mode) == 0o644
