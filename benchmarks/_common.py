@@ -1,0 +1,183 @@
+"""Shared helpers of the real-data benchmarks (digits.py, lite1_photos.py): API detection, timing,
+agreement metrics, JSON results and the BENCHMARKS.md section writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import normswap
+import normswap.io
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def api(name: str) -> Callable[..., Any] | None:
+    """A normswap entry point, or None while it is not implemented yet."""
+    return getattr(normswap, name, None)
+
+
+def missing_note(name: str) -> str:
+    return f"skipped: `normswap.{name}` does not exist in this checkout yet"
+
+
+def small_batch_recipe(transfer: str, groups: int = 32) -> dict[str, Any]:
+    """The small-batch recipe with every rule's transfer pinned (images → GroupNorm, rest → LayerNorm)."""
+    return {
+        "rules": [
+            {
+                "name": "images-to-groupnorm",
+                "match": {"layouts": ["image", "volume", "unknown"]},
+                "target": "groupnorm",
+                "options": {"groups": groups, "transfer": transfer},
+            },
+            {"name": "features-to-layernorm", "target": "layernorm", "options": {"transfer": transfer}},
+        ]
+    }
+
+
+class Clock:
+    """Wall time and this process's CPU time (all threads) of a block."""
+
+    def __init__(self) -> None:
+        self.wall_s = 0.0
+        self.cpu_s = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"wall_s": round(self.wall_s, 3), "cpu_s": round(self.cpu_s, 3)}
+
+
+@contextmanager
+def clock() -> Iterator[Clock]:
+    c = Clock()
+    w0, p0 = time.perf_counter(), time.process_time()
+    try:
+        yield c
+    finally:
+        c.wall_s = time.perf_counter() - w0
+        c.cpu_s = time.process_time() - p0
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Eval-mode logits, in batches; the model's mode is restored."""
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).float()
+    finally:
+        model.train(was)
+
+
+def agreement(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 agreement with the reference's top-1 class, KL(reference ‖ logits) of the softmax
+    (mean per sample, nats) and relative L2 of the logits."""
+    ref_top1 = reference.argmax(-1)
+    k = min(5, logits.shape[-1])
+    top5 = logits.topk(k, -1).indices
+    kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
+    rel = (logits - reference).norm() / reference.norm().clamp_min(1e-12)
+    return {
+        "top1_agreement": (logits.argmax(-1) == ref_top1).float().mean().item(),
+        "top5_agreement": (top5 == ref_top1[:, None]).any(-1).float().mean().item(),
+        "kl": kl.item(),
+        "relative_l2": rel.item(),
+    }
+
+
+def versions(*extra: str) -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "normswap": normswap.__version__}
+    for name in ("timm", "numpy", *extra):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(v, 2) for v in load],
+        "gpu": "none (CPU only)",
+    }
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0])
+    with suppress(ValueError):
+        script = script.resolve().relative_to(ROOT)
+    return " ".join(["python", shlex.quote(str(script)), *map(shlex.quote, sys.argv[1:])])
+
+
+def save_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    normswap.io.write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def write_section(section: str, text: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the text between ``<!-- begin SECTION -->`` and ``<!-- end SECTION -->`` (appended when
+    missing); every other section is left as it is. Written atomically."""
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    content = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in content and end in content:
+        content = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, count=1, flags=re.S)
+    else:
+        content = content.rstrip() + "\n\n" + block + "\n"
+    normswap.io.write_text_atomic(path, content)
+
+
+def pct(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f}"
+
+
+def num(v: float | None, fmt: str = ".3f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def secs(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
