@@ -23,6 +23,7 @@ from torch import nn
 from .checks import batch_dependence, count_parameters, first_tensor
 from .data import InputSet, load_inputs
 from .errors import DataError, NormswapError
+from .tracing import model_state_guard
 from .types import DriftReport, ModelStats, OutputDrift, Plan, SiteDrift
 
 DEFAULT_ACTIVATION_BUDGET = 1 << 30
@@ -176,18 +177,6 @@ def _hooks(pairs: Sequence[tuple[nn.Module, Callable[..., Any], bool]]) -> Itera
     finally:
         for h in handles:
             h.remove()
-
-
-@contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @dataclass
@@ -378,7 +367,7 @@ def _model_stats(model: nn.Module, inputs: tuple[torch.Tensor, ...], measure: bo
             dependence = batch_dependence(model, inputs[0])
         except Exception:  # a model that cannot run in train mode on this batch has no figure here
             dependence = None
-    with _eval_mode(model):
+    with model_state_guard(model):
         latency = measure_latency(model, inputs, repeats) if measure else None
         peak = peak_forward_memory(model, inputs) if measure else None
     return ModelStats(params, buffers, latency, peak, dependence)
@@ -423,7 +412,8 @@ def validate(
     data = inputs if isinstance(inputs, InputSet) else load_inputs(original, inputs, batch_size=batch_size)
     batches = data.batches[:max_batches] if max_batches else data.batches
     run = _DriftRun(original, converted, site_specs(original, converted, plan), activation_budget)
-    with _eval_mode(original, converted), torch.no_grad(), _progress(progress, len(batches)) as advance:
+    with model_state_guard(original), model_state_guard(converted), torch.no_grad(), \
+            _progress(progress, len(batches)) as advance:
         for batch in batches:
             _check_batch(batch)
             run.batch(batch)
