@@ -2,8 +2,6 @@
 
 from .api import apply_plan, convert, plan
 from .calibrate import CalibrationResult, calibrate, synthesize_inputs
-from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
-from .recover import RecoveryResult, recover
 from .checks import batch_dependence
 from .data import InputSet, load_inputs
 from .drift import ValidationFailed, validate
@@ -19,7 +17,9 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .layers import ChannelLayerNorm, FrozenBatchNorm
+from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
+from .recover import RecoveryResult, recover
 from .targets import NotApplicable, Option, Target, get_target, list_targets, register_target
 from .types import Conversion, DriftReport, Facts, Plan, PlanEntry, Report, Site
 

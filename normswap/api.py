@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import gc
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +16,46 @@ from .apply import apply_plan as _apply
 from .apply import batchnorm_left
 from .calibrate import CalibrationResult, calibrate, synthesize_inputs
 from .checks import count_parameters
+from .cloning import clone_model
 from .data import load_inputs
+from .drift import ValidationFailed
+from .drift import validate as validate_drift
 from .planner import build_plan
 from .recipes import Recipe, load_recipe
 from .tracing import as_input_tuple, default_example_inputs, discover, qualname
 from .types import Conversion, Facts, Plan, Report
-from .drift import ValidationFailed
-from .drift import validate as validate_drift
 
 RecipeSpec = str | Path | Recipe | Mapping[str, Any]
 CONVERT_VALIDATION_SAMPLES = 4
 
 
-def plan(model: nn.Module, recipe: RecipeSpec = "auto", example_inputs: Any = None, **facts: Any) -> Plan:
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Tracing and copying allocate many small objects, and with torch and timm loaded a full garbage
+    collection in the middle costs up to 0.2 s, more than the conversion itself. Whatever cycles
+    the conversion leaves are collected as usual once it returns."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def plan(
+    model: nn.Module, recipe: RecipeSpec = "auto", example_inputs: Any = None, shapes: str = "auto", **facts: Any
+) -> Plan:
     """What ``convert`` would do to each normalization site, with the reason; nothing is changed.
 
     ``facts`` are what the rules match on: ``batch_size`` (per device), ``sequence``, ``purpose``
-    (train / finetune / inference) and ``task``.
+    (train / finetune / inference) and ``task``. ``shapes="always"`` runs the example through the model
+    to record every site's input shape even where the graph alone decides the plan (the default,
+    ``"auto"``, runs it only where a layout depends on it: see :func:`normswap.tracing.discover`).
     """
     chosen = load_recipe(recipe)
     fact_values = Facts.from_kwargs(facts)
-    return build_plan(qualname(model), discover(model, example_inputs), chosen, fact_values)
+    return build_plan(qualname(model), discover(model, example_inputs, shapes), chosen, fact_values)
 
 
 def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:
@@ -57,6 +77,7 @@ def convert(
     calibration_fit: str = "least-squares",
     calibration_sweeps: int = 2,
     synthesis_steps: int = 200,
+    shapes: str = "auto",
     **facts: Any,
 ) -> Conversion:
     """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
@@ -71,10 +92,11 @@ def convert(
     clock = [time.perf_counter()]
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     before = count_parameters(model)
-    the_plan = plan(model, recipe, inputs, **facts)
-    clock.append(time.perf_counter())
-    original = copy.deepcopy(model) if inplace and (validate or calibration is not None) else model
-    applied = _apply(model, the_plan, inplace=inplace)
+    with collection_paused():
+        the_plan = plan(model, recipe, inputs, shapes, **facts)
+        clock.append(time.perf_counter())
+        original = clone_model(model) if inplace and (validate or calibration is not None) else model
+        applied = _apply(model, the_plan, inplace=inplace)
     clock.append(time.perf_counter())
     calibrated = None
     if calibration is not None:

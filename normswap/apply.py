@@ -7,13 +7,13 @@ calls are not modules: only they force a graph rewrite, and then the result is a
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .cloning import clone_model
 from .errors import PlanError
 from .targets import get_target
 from .tracing import is_functional_batch_norm, model_state_guard, module_aliases, qualname, trace_graph
@@ -32,13 +32,14 @@ class Applied:
 
 def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
     """Apply ``plan`` to ``model`` (a copy unless ``inplace``); weights are transferred as planned."""
-    target_model = model if inplace else copy.deepcopy(model)
-    _check_fits(target_model, plan)
+    target_model = model if inplace else clone_model(model)
+    modules = dict(target_model.named_modules(remove_duplicate=False))
+    _check_fits(target_model, plan, modules)
     graph = _trace_for_rewrite(target_model) if plan.needs_graph() else None
-    staged = _stage(target_model, plan, graph)
+    staged = _stage(target_model, plan, graph, modules)
     aliases = module_aliases(target_model)
     for path, module in staged.modules.items():
-        _swap_module(target_model, path, module, aliases)
+        _swap_module(target_model, path, module, aliases, modules)
     warnings = []
     if graph is not None:
         target_model = _rewrite_functional(target_model, graph, staged.functional)
@@ -63,16 +64,15 @@ class _Staged:
     records: list[SwapRecord]
 
 
-def _check_fits(model: nn.Module, plan: Plan) -> None:
+def _check_fits(model: nn.Module, plan: Plan, modules: dict[str, nn.Module]) -> None:
     """A plan made for another architecture fails here, with every mismatch named."""
     problems = []
     for e in plan.entries:
         site = e.site
         if site.kind != "module":
             continue
-        try:
-            m = model.get_submodule(site.path)
-        except AttributeError:
+        m = modules.get(site.path)
+        if m is None:
             problems.append(f"{site.path}: no such module")
             continue
         if qualname(m) != site.cls:
@@ -101,14 +101,14 @@ def _trace_for_rewrite(model: nn.Module) -> fx.Graph:
             ) from exc
 
 
-def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None) -> _Staged:
+def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None, modules: dict[str, nn.Module]) -> _Staged:
     """Build every replacement before anything is swapped."""
     staged = _Staged({}, {}, [])
     nodes = {n.name: n for n in graph.nodes} if graph is not None else {}
     for entry in plan.conversions:
         site = entry.site
         if site.kind == "module":
-            old = model.get_submodule(site.path)
+            old = modules[site.path]
             state = NormState.from_module(old)
         else:
             node = nodes.get(site.node or "")
@@ -153,12 +153,19 @@ def _build(model: nn.Module, entry: PlanEntry, state: NormState) -> dict[str, nn
         ) from exc
 
 
-def _swap_module(model: nn.Module, path: str, new: nn.Module, aliases: dict[int, list[str]]) -> None:
-    old = model.get_submodule(path)
-    for alias in aliases.get(id(old), [path]):
+def _swap_module(
+    model: nn.Module,
+    path: str,
+    new: nn.Module,
+    aliases: dict[int, list[str]],
+    modules: dict[str, nn.Module] | None = None,
+) -> None:
+    """Put ``new`` at ``path`` and every alias of the module there. ``modules`` (all paths, taken before
+    any swap) spares a lookup per call: swapped modules are never parents of other sites."""
+    modules = modules if modules is not None else dict(model.named_modules(remove_duplicate=False))
+    for alias in aliases.get(id(modules[path]), [path]):
         parent_path, _, name = alias.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, new)
+        setattr(modules[parent_path], name, new)
 
 
 def _rewrite_functional(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
+
+from .cloning import clone_model
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -31,7 +32,7 @@ def batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
     before each pass so dropout masks match."""
     if x.shape[0] < 2:
         raise ValueError("batch_dependence needs a batch of at least 2 samples")
-    probe = copy.deepcopy(model).train()
+    probe = clone_model(model).train()
     generator = torch.Generator().manual_seed(seed)
     other = x.clone()
     scale = float(x.std()) if x.numel() > 1 else 1.0

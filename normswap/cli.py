@@ -187,7 +187,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .render import print_plan
 
     model, _ = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
-    plan = api.plan(model, args.recipe, _input_size(args.input_size), **_facts(args))
+    plan = api.plan(model, args.recipe, _input_size(args.input_size), shapes="always", **_facts(args))
     if args.json:
         print(plan.to_json())
     else:
@@ -205,8 +205,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model, spec = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
     data = None if args.no_validate else _data(model, args)
     calibration = _calibration(model, args)
+    # The saved plan records every site's input shape: the command line is not the place to save 10 ms.
     conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
-                             calibration=calibration, calibration_fit=args.calibration_fit, **_facts(args))
+                             calibration=calibration, calibration_fit=args.calibration_fit, shapes="always",
+                             **_facts(args))
     if args.recover_steps:
         conversion = _recover_conversion(model, conversion, calibration, data, args)
     if not args.no_validate:

@@ -9,7 +9,6 @@ batch and, when they would exceed ``activation_budget`` bytes, for a group of si
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cloning import clone_model
 from .checks import batch_dependence, count_parameters, first_tensor
 from .data import InputSet, load_inputs
 from .errors import DataError, NormswapError
@@ -186,6 +186,18 @@ class _SiteStreams:
     order: dict[str, int] = field(default_factory=dict)
 
 
+def _run_original(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    try:
+        return model(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise DataError(
+            f"the original {type(model).__name__} failed on validation inputs of shape {shapes}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Give inputs the model "
+            f"accepts: example_inputs=... or data=... (API), --input-size C,H,W or --data (CLI)."
+        ) from exc
+
+
 class _DriftRun:
     """Runs both models over the batches and streams every comparison."""
 
@@ -199,7 +211,7 @@ class _DriftRun:
         for index, group in enumerate(groups):
             stored: dict[str, list[torch.Tensor]] = {}
             with _hooks(self._original_hooks(group, stored)):
-                ref = self.original(*inputs)
+                ref = _run_original(self.original, inputs)
             with _hooks(self._converted_hooks(group, stored, local=index == 0)):
                 new = self.converted(*inputs)
             if index == 0:
@@ -349,7 +361,7 @@ def _quiet_stderr() -> Iterator[None]:
 def train_eval_gap(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float | None:
     """Relative difference of train-mode and eval-mode outputs (0 for norms without running stats).
     Runs on a copy so running statistics are not touched."""
-    probe = copy.deepcopy(model)
+    probe = clone_model(model)
     with torch.no_grad():
         try:
             train = first_tensor(probe.train()(*inputs)).double()

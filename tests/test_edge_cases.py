@@ -206,7 +206,7 @@ def test_channels_last_input_keeps_its_memory_format():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)).eval().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
     for recipe in ("layernorm", "fold"):
-        conversion = normswap.convert(model, recipe, x)
+        conversion = normswap.convert(model, recipe, x, shapes="always")
         assert conversion.plan.entries[0].site.memory_format == "channels_last"
         out = conversion.model(x)
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -246,3 +246,30 @@ def test_dropout_noise_is_not_counted_as_batch_dependence():
     assert normswap.batch_dependence(model, torch.randn(4, 6)) == 0.0
     with_bn = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.5), nn.BatchNorm1d(16), nn.Linear(16, 3))
     assert normswap.batch_dependence(with_bn, torch.randn(4, 6)) > 1e-3
+
+
+def _count_real_calls(model: nn.Module) -> list[int]:
+    calls = [0]
+    model[0].register_forward_pre_hook(lambda _m, _a: calls.__setitem__(0, calls[0] + 1))  # fx tracing skips hooks
+    return calls
+
+
+def test_the_model_runs_only_when_a_layout_depends_on_it():
+    # BatchNorm2d only takes 4-d input: the trace decides the plan, so conversion costs no forward pass.
+    image = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    calls = _count_real_calls(image)
+    x = torch.randn(1, 3, 8, 8)
+    plan = normswap.plan(image, "small-batch", x)
+    site = plan.entries[0].site
+    assert calls == [0]
+    assert site.input_shape is None and site.layout == "image" and not site.layout_inferred and site.call_count == 1
+    always = normswap.plan(image, "small-batch", x, shapes="always")
+    assert calls == [1] and always.entries[0].site.input_shape == (1, 8, 6, 6)
+    assert [e.target for e in plan.entries] == [e.target for e in always.entries]
+    # BatchNorm1d takes (N, C) and (N, C, L): sequence recipes must see which, so it runs.
+    sequence = nn.Sequential(nn.Conv1d(4, 8, 3), nn.BatchNorm1d(8)).eval()
+    calls = _count_real_calls(sequence)
+    site = normswap.plan(sequence, "sequence", torch.randn(1, 4, 16)).entries[0].site
+    assert calls == [1] and site.layout == "sequence" and site.input_shape == (1, 8, 14)
+    with pytest.raises(normswap.UnknownNameError, match="always"):
+        normswap.plan(image, "small-batch", x, shapes="never")

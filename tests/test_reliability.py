@@ -64,7 +64,10 @@ def test_an_interrupted_save_leaves_the_old_result(tmp_path, monkeypatch):
 def test_a_forward_that_fails_names_the_input_shape_and_the_fix():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     with pytest.raises(normswap.TraceError, match=r"shape \(1, 5, 8, 8\).*example_inputs=.*--input-size"):
-        normswap.plan(model, "small-batch", torch.randn(1, 5, 8, 8))
+        normswap.plan(model, "small-batch", torch.randn(1, 5, 8, 8), shapes="always")
+    # Without shapes the plan needs no forward pass; validation is where the bad input shows.
+    with pytest.raises(normswap.DataError, match=r"shape \(\d+, 5, 8, 8\).*example_inputs=.*--input-size"):
+        normswap.convert(model, "small-batch", torch.randn(1, 5, 8, 8))
 
 
 def test_a_model_without_input_config_asks_for_example_inputs():
