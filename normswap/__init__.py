@@ -19,7 +19,7 @@ from .errors import (
 from .layers import ChannelLayerNorm, FrozenBatchNorm
 from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
-from .recover import RecoveryResult, recover
+from .recover import ImageAugment, RecoveryResult, recover
 from .targets import NotApplicable, Option, Target, get_target, list_targets, register_target
 from .types import Conversion, DriftReport, Facts, Plan, PlanEntry, Report, Site
 
@@ -35,6 +35,7 @@ __all__ = [
     "CalibrationResult",
     "recover",
     "RecoveryResult",
+    "ImageAugment",
     "progressive",
     "Transition",
     "TransitionCallback",

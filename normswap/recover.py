@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +115,16 @@ def recover(
     checkpoint_every: int = 50,
     progress: bool = True,
     seed: int = 0,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    callback: Callable[[int, float], None] | None = None,
 ) -> RecoveryResult:
     """Fine-tune ``converted`` (in place) to reproduce ``original`` on ``data`` for ``steps`` steps.
 
-    ``data``: a tensor, image folder or tensor file (see :func:`normswap.load_inputs`). With
+    ``data``: a tensor, image folder or tensor file (see :func:`normswap.load_inputs`). Batches go to
+    the converted model's device. ``augment(batch, generator)`` transforms each batch before both
+    models see it (the same views for teacher and student, e.g. :class:`ImageAugment`): with few
+    samples, matching the original on ever new views is what keeps recovery from memorising them.
+    ``callback(step, loss)`` runs after every step (evaluate, log, stop by raising). With
     ``checkpoint_dir`` the run saves its state every ``checkpoint_every`` steps and resumes from it.
     The converted model is left in the mode it came in; the original is not changed.
     """
@@ -137,8 +143,9 @@ def recover(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i / steps, 1))))
     start = _resume(checkpoint_dir, converted, optimizer, schedule)
     generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    device = next((p.device for p in converted.parameters()), pool.device)
     for _ in range(start):  # the same sample stream as an uninterrupted run
-        torch.randint(0, pool.shape[0], (min(batch_size, pool.shape[0]),), generator=generator)
+        _draw(pool, batch_size, generator, augment)
     feature_paths = [e.site.path for e in plan.conversions] if plan is not None and feature_weight > 0 else []
     was_training = converted.training
     original_modes = [(m, m.training) for m in original.modules()]
@@ -149,8 +156,7 @@ def recover(
     try:
         with _progress(progress and rank == 0, steps, start) as advance:
             for step in range(start, steps):
-                index = torch.randint(0, pool.shape[0], (min(batch_size, pool.shape[0]),), generator=generator)
-                batch = pool[index]
+                batch = _draw(pool, batch_size, generator, augment, device)
                 store: dict[str, list[torch.Tensor]] = {}
                 with _feature_hooks(original, converted, feature_paths, store):
                     with torch.no_grad():
@@ -170,11 +176,70 @@ def recover(
                 advance(value)
                 if checkpoint_dir is not None and rank == 0 and (step + 1) % checkpoint_every == 0:
                     _save(checkpoint_dir, converted, optimizer, schedule, step + 1)
+                if callback is not None:  # after the checkpoint, so a callback that stops loses nothing
+                    callback(step + 1, value)
     finally:
         converted.train(was_training)
         for m, mode in original_modes:
             m.training = mode
     return RecoveryResult(steps, time.perf_counter() - began, first, final, lr, world, start)
+
+
+def _draw(
+    pool: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    index = torch.randint(0, pool.shape[0], (min(batch_size, pool.shape[0]),), generator=generator)
+    batch = pool[index]
+    if augment is None:
+        return batch.to(device) if device is not None else batch
+    if device is None:  # replaying the stream on resume: the draws matter, not the views
+        augment(batch, generator)
+        return batch
+    return augment(batch.to(device), generator)
+
+
+@dataclass(frozen=True)
+class ImageAugment:
+    """Views of an image batch (N, C, H, W) for distillation: a random resized crop per sample
+    (``scale`` of the area, aspect in ``ratio``, resized back to ``size`` or the input's side),
+    a random horizontal flip, and with probability ``mix`` a mixup with another sample of the batch
+    (weight drawn from Beta(1, 1)). Mixed images are off the data distribution on purpose: the original
+    still answers them, and matching those answers teaches the converted model the original's
+    function rather than its outputs on a few photos (Beyer et al., "Knowledge distillation: a good
+    teacher is patient and consistent", 2022). Random numbers come from the generator, on the CPU."""
+
+    size: int | None = None
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    mix: float = 0.5
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = batch.shape
+        side = (self.size, self.size) if self.size else (h, w)
+        area = torch.empty(n).uniform_(*self.scale, generator=generator) * h * w
+        log_ratio = torch.empty(n).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=generator)
+        ratio = log_ratio.exp()
+        crop_w = (area * ratio).sqrt().round().clamp(1, w).long()
+        crop_h = (area / ratio).sqrt().round().clamp(1, h).long()
+        top = (torch.rand(n, generator=generator) * (h - crop_h + 1)).long()
+        left = (torch.rand(n, generator=generator) * (w - crop_w + 1)).long()
+        flips = torch.rand(n, generator=generator) < (0.5 if self.flip else 0.0)
+        views = []
+        for i in range(n):
+            t, l_, ch, cw = int(top[i]), int(left[i]), int(crop_h[i]), int(crop_w[i])
+            view = F.interpolate(batch[i : i + 1, :, t : t + ch, l_ : l_ + cw], size=side, mode="bilinear",
+                                 antialias=True, align_corners=False)
+            views.append(view.flip(-1) if flips[i] else view)
+        out = torch.cat(views)
+        mixed = torch.rand(n, generator=generator) < self.mix
+        partner = torch.randperm(n, generator=generator)
+        weight = torch.rand(n, generator=generator).where(mixed, torch.ones(n)).to(out.device, out.dtype)
+        return weight.view(n, 1, 1, 1) * out + (1 - weight.view(n, 1, 1, 1)) * out[partner.to(out.device)]
 
 
 def _resume(directory: str | Path | None, model: nn.Module, optimizer: Any, schedule: Any) -> int:

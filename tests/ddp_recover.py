@@ -33,6 +33,7 @@ def main() -> None:
         with open(sys.argv[1], "w") as fh:
             json.dump({"world": result.world_size, "drift_before": before, "drift_after": after,
                        "same_weights": len(set(digests)) == 1}, fh)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

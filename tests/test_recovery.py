@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -140,6 +141,46 @@ def test_recovery_with_feature_loss_runs():
     result = normswap.recover(model, conversion.model, data, steps=5, lr=1e-3, batch_size=16, progress=False,
                               feature_weight=1.0, plan=conversion.plan)
     assert result.steps == 5 and result.final_loss == result.final_loss
+
+
+def test_image_augment_gives_new_views_of_the_batch_with_its_generator():
+    batch = torch.rand(6, 3, 16, 12)
+    augment = normswap.ImageAugment(size=10, mix=0.5)
+    first = augment(batch, torch.Generator().manual_seed(3))
+    assert first.shape == (6, 3, 10, 10) and torch.equal(first, augment(batch, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, augment(batch, torch.Generator().manual_seed(4)))
+    assert first.min() >= batch.min() - 1e-6 and first.max() <= batch.max() + 1e-6, "crops and convex mixes"
+    same = normswap.ImageAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, mix=0.0)(
+        torch.rand(2, 3, 8, 8).clone(), torch.Generator())
+    assert same.shape == (2, 3, 8, 8)
+
+
+def test_recovery_with_augmented_views_generalises_and_resumes_identically(tmp_path):
+    model, data = small_cnn()
+    augment = normswap.ImageAugment(scale=(0.5, 1.0), mix=0.5)
+    converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    before = drift_of(model, converted, data[64:])
+    seen: list[tuple[int, float]] = []
+    normswap.recover(model, converted, data[:64], steps=40, lr=3e-3, batch_size=16, progress=False,
+                     augment=augment, callback=lambda step, loss: seen.append((step, loss)),
+                     checkpoint_dir=tmp_path / "a", checkpoint_every=20)
+    assert [step for step, _ in seen] == list(range(1, 41))
+    assert drift_of(model, converted, data[64:]) < 0.9 * before, "held-out drift shrinks"
+    # Stopped after 20 steps and resumed: the same augmented stream, the same weights.
+    resumed = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    with pytest.raises(KeyboardInterrupt):
+        normswap.recover(model, resumed, data[:64], steps=40, lr=3e-3, batch_size=16, progress=False,
+                         augment=augment, checkpoint_dir=tmp_path / "b", checkpoint_every=20,
+                         callback=lambda step, _loss: _interrupt_at(step, 20))
+    normswap.recover(model, resumed, data[:64], steps=40, lr=3e-3, batch_size=16, progress=False,
+                     augment=augment, checkpoint_dir=tmp_path / "b", checkpoint_every=20)
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), resumed.state_dict().values(),
+                                                 strict=True))
+
+
+def _interrupt_at(step: int, stop: int) -> None:
+    if step == stop:
+        raise KeyboardInterrupt
 
 
 def test_recovery_under_torchrun_with_two_processes(tmp_path):
