@@ -5,7 +5,12 @@ the converted network's upstream activations (already calibrated ones included) 
 compound. Its target is the original network's pre-activation BatchNorm output at the same path, on
 the same batch. The fit is per channel and streamed (sums, not activations), so one pass over the
 calibration data fits every site; a second sweep refines the fits with calibrated upstream layers.
-Cost: ``sweeps`` × (one original + one converted forward) over the data, whatever the site count.
+Each site's fit is the best for that site, yet downstream nonlinearities can turn better layers into
+a worse network (GroupNorm(32) on EfficientNet-Lite1 does), so after every sweep the converted
+model's output error on the same data is measured and a sweep that made it worse is undone: the
+calibrated model is never worse than the uncalibrated one on the calibration data.
+Cost: ``sweeps`` × (one original + two converted forwards) + one original and one converted forward
+over the data, whatever the site count.
 
 Without data, :func:`synthesize_inputs` makes inputs whose per-layer batch statistics match the
 original's BatchNorm running statistics (DeepInversion / ZeroQ style), before those statistics are
@@ -26,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .data import InputSet, load_inputs, model_input_size
+from .drift import output_leaves
 from .errors import DataError, PlanError, unknown_name
 from .tracing import model_state_guard
 from .types import Plan
@@ -124,6 +130,11 @@ class CalibrationResult:
     calibrated: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...] = ()
     synthesis: dict[str, Any] = field(default_factory=dict)
+    # The converted model's output error against the original on the calibration data (KL for
+    # classifier logits, else relative L2) before calibration and after each sweep; ``kept_sweeps``
+    # is how many sweeps were kept (0: calibration made it worse and was undone).
+    output_error: tuple[float, ...] = ()
+    kept_sweeps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +145,8 @@ class CalibrationResult:
             "calibrated": list(self.calibrated),
             "skipped": [list(s) for s in self.skipped],
             "synthesis": dict(self.synthesis),
+            "output_error": list(self.output_error),
+            "kept_sweeps": self.kept_sweeps,
         }
 
 
@@ -239,21 +252,18 @@ def calibrate(
         raise DataError("calibration needs data: give real samples, or calibration='data-free'.")
     sites, skipped = _sites(original, converted, plan)
     with model_state_guard(original), model_state_guard(converted), torch.no_grad():
-        for _ in range(sweeps):
-            moments: dict[str, _Moments] = {}
-            for batch in inputs.batches:
-                targets: dict[str, list[torch.Tensor]] = {}
-                handles = [s.original.register_forward_pre_hook(_record_targets(s, targets)) for s in sites]
-                with _hooks(handles):
-                    original(*batch)
-                handles = [s.converted.register_forward_hook(_refit(s, targets, moments, fit)) for s in sites]
-                with _hooks(handles):
-                    converted(*batch)
-            for site in sites:
-                if site.path in moments:
-                    gamma, beta = moments[site.path].fit(fit, site.converted.weight.detach())
-                    site.converted.weight.copy_(gamma.to(site.converted.weight.dtype))
-                    site.converted.bias.copy_(beta.to(site.converted.bias.dtype))
+        references = [original(*batch) for batch in inputs.batches]
+        errors = [_output_error(converted, inputs.batches, references)]
+        best, kept = _affines(sites), 0
+        for sweep in range(sweeps):
+            _sweep(original, converted, sites, inputs.batches, fit)
+            errors.append(_output_error(converted, inputs.batches, references))
+            if errors[-1] >= min(errors[:-1]):
+                # Each site's fit is optimal for that site, but downstream nonlinearities can turn
+                # better layers into a worse network: keep what served the outputs best.
+                _restore(sites, best)
+                break
+            best, kept = _affines(sites), sweep + 1
     return CalibrationResult(
         source=source or inputs.source,
         fit=fit,
@@ -261,7 +271,52 @@ def calibrate(
         samples=inputs.num_samples,
         calibrated=tuple(s.path for s in sites),
         skipped=tuple(skipped),
+        output_error=tuple(errors),
+        kept_sweeps=kept,
     )
+
+
+def _sweep(original: nn.Module, converted: nn.Module, sites: list[_Site], batches: list[Any], fit: str) -> None:
+    moments: dict[str, _Moments] = {}
+    for batch in batches:
+        targets: dict[str, list[torch.Tensor]] = {}
+        handles = [s.original.register_forward_pre_hook(_record_targets(s, targets)) for s in sites]
+        with _hooks(handles):
+            original(*batch)
+        handles = [s.converted.register_forward_hook(_refit(s, targets, moments, fit)) for s in sites]
+        with _hooks(handles):
+            converted(*batch)
+    for site in sites:
+        if site.path in moments:
+            gamma, beta = moments[site.path].fit(fit, site.converted.weight.detach())
+            site.converted.weight.copy_(gamma.to(site.converted.weight.dtype))
+            site.converted.bias.copy_(beta.to(site.converted.bias.dtype))
+
+
+def _affines(sites: list[_Site]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(s.converted.weight.detach().clone(), s.converted.bias.detach().clone()) for s in sites]
+
+
+def _restore(sites: list[_Site], affines: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for site, (weight, bias) in zip(sites, affines, strict=True):
+        site.converted.weight.copy_(weight)
+        site.converted.bias.copy_(bias)
+
+
+def _output_error(converted: nn.Module, batches: list[Any], references: list[Any]) -> float:
+    """Mean over output leaves and batches: KL(original ‖ converted) for classifier logits (what
+    top-1 agreement follows), relative L2 for anything else."""
+    terms = []
+    for batch, reference in zip(batches, references, strict=True):
+        output = converted(*batch)
+        for (_, ref), (_, out) in zip(output_leaves(reference), output_leaves(output), strict=True):
+            ref, out = ref.float(), out.float()
+            if ref.ndim == 2 and ref.shape[1] > 1:
+                terms.append(float(F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
+                                            reduction="batchmean")))
+            else:
+                terms.append(float((out - ref).norm() / ref.norm().clamp_min(1e-12)))
+    return sum(terms) / max(len(terms), 1)
 
 
 def synthesize_inputs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -49,6 +50,25 @@ def test_calibration_reduces_drift_on_held_out_data():
         assert after < 0.6 * before, f"{fit}: {after} vs {before}"
         info = calibrated.report.calibration
         assert info["fit"] == fit and info["samples"] == 64 and len(info["calibrated"]) == 3
+
+
+def test_calibration_keeps_the_sweeps_that_served_the_outputs_and_undoes_a_harmful_one(monkeypatch):
+    calibration_module = importlib.import_module("normswap.calibrate")  # the function shadows the module
+
+    model, data = small_cnn()
+    good = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    result = normswap.calibrate(model, good, data[:64])
+    errors = result.output_error
+    assert len(errors) >= 2 and errors[result.kept_sweeps] == min(errors) and result.kept_sweeps >= 1
+    # A fit that wrecks every layer: the guard must hand back the model exactly as it came.
+    harmful = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    before = {k: v.clone() for k, v in harmful.state_dict().items()}
+    real_fit = calibration_module._Moments.fit
+    monkeypatch.setattr(calibration_module._Moments, "fit",
+                        lambda self, fit, weight: tuple(-5 * t for t in real_fit(self, fit, weight)))
+    wrecked = normswap.calibrate(model, harmful, data[:64])
+    assert wrecked.kept_sweeps == 0 and wrecked.output_error[1] > wrecked.output_error[0]
+    assert all(torch.equal(before[k], v) for k, v in harmful.state_dict().items())
 
 
 def test_calibration_leaves_the_original_untouched_and_is_deterministic():
