@@ -402,6 +402,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f", only the converted norm layers' γ/β trainable, lr ×{args.norm_only_lr_scale:g}",
             {},
         ),
+        "augmented": (
+            " [augmented views + feature loss]",
+            f", augment=ImageAugment(size={rec_res}) (random resized crops, flips, mixup; new views every step), "
+            "feature_weight=1.0",
+            {"augment": normswap.ImageAugment(size=rec_res), "feature_weight": 1.0},
+        ),
         "mixup": (
             " [+ mixup views]",
             ", on the views plus as many mixup blends of random view pairs (Beta(0.4, 0.4))",
@@ -664,7 +670,7 @@ def main() -> None:
         "--recovery-variants",
         nargs="*",
         default=[],
-        choices=["features", "norm-only", "mixup"],
+        choices=["features", "norm-only", "mixup", "augmented"],
         help="extra recovery rows besides the plain one (each costs about as much as the plain one)",
     )
     parser.add_argument("--norm-only-lr-scale", type=float, default=10.0)

@@ -343,6 +343,7 @@ def plan_stats(plan: normswap.Plan, bn_present: int) -> dict[str, Any]:
         "module_sites": module_sites,
         "functional_sites": len(plan.entries) - module_sites,
         "sites_match_bn": module_sites == bn_present,
+        "shapes_observed": sum(e.site.input_shape is not None for e in plan.entries),  # 0: no forward pass ran
         "summary": plan.summary(),
         "converted_sites": len(plan.conversions),
     }
@@ -808,7 +809,8 @@ def ratio_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- `{recipe}`: convert / forward median **{statistics.median(p[1] for p in pairs):.2f}**, "
             f"max **{worst[1]:.2f}** ({worst[0]}), under 1: {sum(p[1] < 1 for p in pairs)}/{len(pairs)}; "
-            f"of which plan / forward median {plan:.2f} (it includes one forward), apply / forward {apply:.2f}."
+            f"of which plan / forward median {plan:.2f} (a trace, and a forward pass only where a layout depends "
+            f"on it), apply / forward {apply:.2f} (copy and swaps)."
         )
     both = [
         (r["name"], _recipe(r, "dp")["convert_s"] / r["opacus"]["fix_s"])
@@ -819,28 +821,38 @@ def ratio_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- normswap `dp` convert / Opacus fix time: median {statistics.median(b[1] for b in both):.2f}, "
             f"max {max(b[1] for b in both):.2f} ({max(both, key=lambda b: b[1])[0]}). normswap's time includes "
-            f"a trace and one forward pass; Opacus' does neither (and does not learn shapes)."
+            f"an fx trace (and a forward pass where a layout depends on it); Opacus' does neither."
         )
     return lines
 
 
 def fit_lines(records: Sequence[dict[str, Any]], recipe: str = "small-batch") -> list[str]:
-    """Conversion time against fx nodes, and its two parts against what each should scale with:
-    planning beyond its one discovery forward against nodes, applying (a deep copy, then the swaps)
-    against parameters."""
+    """Conversion time against what it should grow with: fx nodes (the trace and the per-site work)
+    and parameters (the copy), fitted jointly; then each part alone."""
+    import numpy as np
+
     rs = [(r, _recipe(r, recipe)) for r in records if r.get("fx_nodes") and "convert_s" in _recipe(r, recipe)]
-    if len(rs) < 3:
+    if len(rs) < 4:
         return []
     nodes = [r["fx_nodes"] for r, _ in rs]
-    total = least_squares(nodes, [x["convert_s"] for _, x in rs])
-    plan = least_squares(nodes, [x["plan_s"] - x["forward_s"] for _, x in rs])
-    apply = least_squares([r["params"] / 1e6 for r, _ in rs], [x["convert_s"] - x["plan_s"] for _, x in rs])
+    params = [r["params"] / 1e6 for r, _ in rs]
+    total = [x["convert_s"] for _, x in rs]
+    design = np.column_stack([nodes, params, np.ones(len(rs))])
+    coef, *_ = np.linalg.lstsq(design, np.array(total), rcond=None)
+    residual = np.array(total) - design @ coef
+    r2 = 1 - float(residual @ residual) / float(((np.array(total) - np.mean(total)) ** 2).sum())
+    plan = least_squares(nodes, [x["plan_s"] for _, x in rs])
+    apply = least_squares(params, [x["convert_s"] - x["plan_s"] for _, x in rs])
+    without = [x for _, x in rs if x.get("shapes_observed") == 0]
+    known = [x for _, x in rs if "shapes_observed" in x]
+    forward_note = (
+        f" {len(without)}/{len(known)} of these plans ran no forward pass." if known else ""
+    )
     return [
-        f"- `{recipe}` conversion: **{total['slope'] * 1000:.3f} ms × nodes + {total['intercept'] * 1000:.1f} ms, "
-        f"R² = {total['r2']:.2f}** (n = {total['n']}). Nodes alone explain little, because conversion also runs "
-        f"one forward pass (FLOPs) and deep-copies the model (parameters); split:",
-        f"  - planning minus its one discovery forward: {plan['slope'] * 1000:.3f} ms × nodes + "
-        f"{plan['intercept'] * 1000:.1f} ms, R² = {plan['r2']:.2f};",
+        f"- `{recipe}` conversion: **{coef[0] * 1000:.3f} ms × nodes + {coef[1] * 1000:.2f} ms × M parameters + "
+        f"{coef[2] * 1000:.1f} ms, R² = {r2:.2f}** (n = {len(rs)}).{forward_note} Apart:",
+        f"  - planning (fx trace, sites, rules; a forward pass where a layout depends on it): "
+        f"{plan['slope'] * 1000:.3f} ms × nodes + {plan['intercept'] * 1000:.1f} ms, R² = {plan['r2']:.2f};",
         f"  - applying (copy + swaps): {apply['slope'] * 1000:.2f} ms × M parameters + "
         f"{apply['intercept'] * 1000:.1f} ms, R² = {apply['r2']:.2f}.",
     ]
@@ -1052,7 +1064,7 @@ def render(records: Sequence[dict[str, Any]], mode: str, command: str, meta: dic
         *ratio_lines(ran),
         "",
         "Least-squares fit of conversion time (plan + apply, no validation) against the nodes of normswap's "
-        "fx trace (`normswap.tracing.trace_graph`):",
+        "fx trace (`normswap.tracing.trace_graph`) and the parameter count:",
         "",
         *fit_lines(ran),
     ]
@@ -1083,8 +1095,12 @@ def versions_text(records: Sequence[dict[str, Any]]) -> str:
     return ", ".join(f"`{digest}` ({n} models)" for digest, n in versions.most_common())
 
 
-def write_section(text: str, path: Path = BENCHMARKS_MD) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
+def section_of(mode: str) -> str:
+    return SECTION if mode == "fast" else f"{SECTION}-{mode}"
+
+
+def write_section(text: str, section: str = SECTION, path: Path = BENCHMARKS_MD) -> None:
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
     block = f"{begin}\n{text}\n{end}"
     content = path.read_text() if path.exists() else "# Benchmarks\n"
     if begin in content and end in content:
@@ -1215,8 +1231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = sorted((r for r in read_results(results) if r["name"] in wanted), key=lambda r: (r["family"], r["name"]))
     text = render(records, mode, command_line(args), meta)
     if args.write:
-        write_section(text)
-        print(f"wrote the {SECTION} section of {BENCHMARKS_MD} ({len(records)} models)", file=sys.stderr)
+        write_section(text, section_of(mode))
+        print(f"wrote the {section_of(mode)} section of {BENCHMARKS_MD} ({len(records)} models)", file=sys.stderr)
     else:
         print(text)
 

@@ -177,8 +177,8 @@ def test_render_counts_failures_and_the_section_is_replaced_in_place(tmp_path):
 
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n<!-- begin other -->\nkeep me\n<!-- end other -->\n")
-    zoo.write_section("first", path)
-    zoo.write_section("second", path)
+    zoo.write_section("first", path=path)
+    zoo.write_section("second", path=path)
     content = path.read_text()
     assert "keep me" in content and "second" in content and "first" not in content
     assert content.count("<!-- begin zoo -->") == 1
