@@ -371,7 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"[bold]normswap demo[/bold]: timm {DEFAULT_DEMO_MODEL} (built locally, random weights), "
                   "recipe small-batch for a per-device batch of 2", highlight=False)
     x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
-    conversion = api.convert(model, "small-batch", x, batch_size=2)
+    conversion = api.convert(model, "small-batch", x, batch_size=2, shapes="always")
     out = Path(args.output) / f"{DEFAULT_DEMO_MODEL}-small-batch"
     io.save(conversion, out, force=True, model_spec={"timm": DEFAULT_DEMO_MODEL})
     _print_conversion(conversion, str(out))

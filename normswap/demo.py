@@ -80,7 +80,7 @@ def run_real(output: Path, per_photo: int = 6, recover_steps: int = 0, console: 
     calibration = views(model, CALIBRATION_PHOTOS, per_photo, seed=0)
     held_out = views(model, HELD_OUT_PHOTOS, per_photo, seed=1)
     conversion = api.convert(model, "small-batch", calibration[:1], batch_size=2, calibration=calibration,
-                             validate=False)
+                             validate=False, shapes="always")
     if recover_steps:
         recover(model, conversion.model, calibration, steps=recover_steps, batch_size=8, plan=conversion.plan)
     from .drift import validate

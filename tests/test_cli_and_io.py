@@ -25,6 +25,16 @@ def run_cli(*args: str) -> int:
     return main(list(args))
 
 
+def test_the_readme_demo_runs_end_to_end(tmp_path, capsys):
+    assert run_cli("demo", "--output", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "weights bit-identical = True" in out
+    saved = next(tmp_path.iterdir())
+    assert {"plan.json", "model.safetensors"} <= {p.name for p in saved.iterdir()}
+    plan = json.loads((saved / "plan.json").read_text())
+    assert all(e["site"]["input_shape"] for e in plan["entries"]), "the demo's plan records every shape"
+
+
 def test_recipes_and_targets_list(capsys):
     assert run_cli("recipes") == 0
     out = capsys.readouterr().out
