@@ -26,6 +26,7 @@ held-out photos (and, for contrast, also on the calibration views).
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import copy
 import sys
@@ -66,6 +67,7 @@ from _common import write_section as _write_section  # noqa: E402
 SECTION = "lite1"
 MODEL = "tf_efficientnet_lite1"
 FITS = ("least-squares", "moments", "blend")
+SEARCHED = "searched"  # calibration with groups="search"
 CONFIDENT = 0.3  # the original's top-1 probability above which a held-out view counts as confident
 
 # (name, group): photos of one group stay on one side of the split.
@@ -356,11 +358,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             needs=("calibrate",),
         )
 
+    def searched() -> Any:
+        model = copy.deepcopy(stats.model)
+        result = normswap.calibrate(
+            original, model, calib_x, plan=stats.plan, groups="search", batch_size=args.calibration_batch
+        )
+        calibrated[SEARCHED] = model
+        return model, {"calibration": result.to_dict(), "group_counts": dict(Counter(result.groups.values()))}
+
+    bench.record(
+        "+ calibrate `groups searched`",
+        f"statistics-aware, then `calibrate(original, converted, {len(calib_x)} calibration views, "
+        "groups='search')`: least-squares, and each GroupNorm's group count (1…32) chosen on the views",
+        searched,
+        needs=("calibrate",),
+    )
+
     synth_size = tuple(args.synth_size)
 
     synthetic: dict[str, torch.Tensor] = {}
 
-    def data_free(fit: str) -> Any:
+    def data_free(fit: str, groups: str | None = None) -> Any:
         extra: dict[str, Any] = {}
         if "x" not in synthetic:  # one synthesis, shared by the fits
             with clock() as syn:
@@ -373,7 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             extra["synthesis_wall_s"] = round(syn.wall_s, 3)
         model = copy.deepcopy(stats.model)
-        result = normswap.calibrate(original, model, synthetic["x"], plan=stats.plan, fit=fit)
+        result = normswap.calibrate(original, model, synthetic["x"], plan=stats.plan, fit=fit, groups=groups)
         return model, {**extra, "calibration": result.to_dict()}
 
     for i, fit in enumerate(args.data_free_fits if args.synth_steps > 0 else []):
@@ -384,6 +402,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"input_size=(3, {synth_size[0]}, {synth_size[1]}))`{shared}, then `{fit}` calibration on them; "
             "no photos",
             lambda fit=fit: data_free(fit),
+            needs=("synthesize_inputs", "calibrate"),
+        )
+    if args.synth_steps > 0:
+        bench.record(
+            "+ data-free calibrate, groups searched",
+            "the synthesised inputs above, then `calibrate(..., groups='search')`; no photos",
+            lambda: data_free("least-squares", "search"),
             needs=("synthesize_inputs", "calibrate"),
         )
 
@@ -421,8 +446,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 model = copy.deepcopy(calibrated[start])
             else:
                 model = copy.deepcopy(stats.model)
-                if start != "statistics":
+                if start in FITS:
                     normswap.calibrate(original, model, calib_x, plan=stats.plan, fit=start)
+                elif start == SEARCHED:
+                    normswap.calibrate(original, model, calib_x, plan=stats.plan, groups="search")
             rec_x = calib_x
             if variant == "mixup":
                 g = torch.Generator().manual_seed(args.seed)
@@ -661,7 +688,7 @@ def main() -> None:
     parser.add_argument("--synth-steps", type=int, default=100, help="0: no data-free rows")
     parser.add_argument("--data-free-fits", nargs="+", default=["least-squares", "moments"], choices=FITS)
     parser.add_argument("--synth-size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
-    parser.add_argument("--recover-from", default="least-squares", choices=["statistics", *FITS])
+    parser.add_argument("--recover-from", default=SEARCHED, choices=["statistics", *FITS, SEARCHED])
     parser.add_argument("--recover-steps", type=int, default=40)
     parser.add_argument("--recover-lr", type=float, default=1e-4)
     parser.add_argument("--recover-batch", type=int, default=16)

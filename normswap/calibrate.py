@@ -19,6 +19,7 @@ gone, and calibration runs on them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,6 +97,17 @@ class _Moments:
             )
         self.count += a.shape[0]
 
+    def residual(self) -> float:
+        """Sum of squared errors of the per-channel least-squares fit: what a group count is judged by."""
+        assert self.n is not None and self.t is not None and self.nn_ is not None
+        assert self.tt is not None and self.nt is not None
+        k = float(self.count)
+        var_n = (self.nn_ / k - (self.n / k) ** 2).clamp_min(0)
+        var_t = (self.tt / k - (self.t / k) ** 2).clamp_min(0)
+        cov = self.nt / k - (self.n / k) * (self.t / k)
+        explained = torch.where(var_n > 1e-10, cov**2 / var_n.clamp_min(1e-10), torch.zeros_like(var_n))
+        return float(k * (var_t - explained).clamp_min(0).sum())
+
     def fit(self, kind: str, fallback_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (gamma, beta) mapping n onto t.
 
@@ -135,6 +147,8 @@ class CalibrationResult:
     # is how many sweeps were kept (0: calibration made it worse and was undone).
     output_error: tuple[float, ...] = ()
     kept_sweeps: int = 0
+    # With ``groups="search"``: the group count each GroupNorm site ended with, by path.
+    groups: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,7 +161,25 @@ class CalibrationResult:
             "synthesis": dict(self.synthesis),
             "output_error": list(self.output_error),
             "kept_sweeps": self.kept_sweeps,
+            "groups": dict(self.groups),
         }
+
+    def updated_plan(self, plan: Plan) -> Plan:
+        """``plan`` with the group counts calibration chose, so that it replays onto a fresh model
+        (then ``load_state_dict``) to exactly the calibrated model."""
+        if not self.groups:
+            return plan
+        entries = tuple(
+            dataclasses.replace(
+                e,
+                options={**e.options, "groups": self.groups[e.site.path], "channels_per_group": None},
+                reason=f"{e.reason}; groups={self.groups[e.site.path]} chosen by calibration",
+            )
+            if e.site.path in self.groups and e.target == "groupnorm"
+            else e
+            for e in plan.entries
+        )
+        return dataclasses.replace(plan, entries=entries)
 
 
 @dataclass(frozen=True)
@@ -200,11 +232,27 @@ def _record_targets(site: _Site, targets: dict[str, list[torch.Tensor]]) -> Call
     return hook
 
 
+GROUP_CANDIDATES = (1, 2, 4, 8, 16, 32)
+
+
+def _group_candidates(site: _Site, search: bool) -> tuple[int, ...]:
+    module = site.converted
+    if not search or not isinstance(module, nn.GroupNorm):
+        return ()
+    c = module.num_channels
+    return tuple(sorted({g for g in GROUP_CANDIDATES if c % g == 0} | {module.num_groups}))
+
+
 def _refit(
-    site: _Site, targets: dict[str, list[torch.Tensor]], moments: dict[str, _Moments], fit: str
+    site: _Site,
+    targets: dict[str, list[torch.Tensor]],
+    moments: dict[Any, _Moments],
+    fit: str,
+    candidates: tuple[int, ...] = (),
 ) -> Callable[..., torch.Tensor | None]:
     """Forward hook on the converted site: add this batch, fit on everything so far, and hand the
-    calibrated output downstream."""
+    calibrated output downstream. With group ``candidates`` every count is fitted alongside; the
+    current count is what flows downstream."""
     calls = {"i": 0}
 
     def hook(module: nn.Module, args: tuple[Any, ...], _out: Any) -> torch.Tensor | None:
@@ -213,9 +261,14 @@ def _refit(
             return None
         target = queue[calls["i"]]
         calls["i"] += 1
+        for g in candidates:  # judged here, chosen after the sweep: downstream sees one count per sweep
+            if g != module.num_groups:
+                moments.setdefault((site.path, g), _Moments()).add(
+                    F.group_norm(args[0], g, None, None, module.eps), target
+                )
         n = normalized(module, args[0])
         assert n is not None
-        stats = moments.setdefault(site.path, _Moments())
+        stats = moments.setdefault((site.path, module.num_groups) if candidates else site.path, _Moments())
         stats.add(n, target)
         gamma, beta = stats.fit(fit, module.weight.detach())
         view = (1, -1) + (1,) * (n.ndim - 2)
@@ -235,6 +288,7 @@ def calibrate(
     sweeps: int = 2,
     batch_size: int = 32,
     source: str | None = None,
+    groups: str | None = None,
 ) -> CalibrationResult:
     """Refit the affine of every converted norm layer of ``converted`` (in place) so that, on
     ``data``, it reproduces the original network's BatchNorm output at the same path.
@@ -242,7 +296,14 @@ def calibrate(
     ``fit``: ``least-squares`` (per-channel regression), ``moments`` (match mean and variance) or
     ``blend``. ``data``: anything :func:`normswap.load_inputs` takes (a tensor, an image folder, a
     tensor file). Modes and every other parameter of both models are left as they were.
+
+    ``groups="search"`` also chooses each GroupNorm's group count (among 1, 2, 4, …, 32 that divide
+    its channels, and its own) by the least-squares error against the original at that site: on
+    depthwise networks fewer groups keep far more of the original (see BENCHMARKS.md). The model's
+    structure then differs from the plan: use ``result.updated_plan(plan)`` (``convert`` does).
     """
+    if groups not in (None, "search"):
+        raise unknown_name("calibration groups mode", str(groups), ["search"], "groups=")
     if fit not in FITS:
         raise unknown_name("calibration fit", fit, FITS)
     if sweeps < 1:
@@ -255,8 +316,14 @@ def calibrate(
         references = [original(*batch) for batch in inputs.batches]
         errors = [_output_error(converted, inputs.batches, references)]
         best, kept = _affines(sites), 0
+        searched = {s.path: _group_candidates(s, groups == "search") for s in sites}
+        # Choosing a count changes what every later site sees, so the last sweep only refits: the
+        # final fits are made on the final structure. Searching takes at least two sweeps.
+        sweeps = max(sweeps, 2) if groups == "search" else sweeps
         for sweep in range(sweeps):
-            _sweep(original, converted, sites, inputs.batches, fit)
+            last = sweep == sweeps - 1
+            candidates = {path: () if last else c for path, c in searched.items()}
+            _sweep(original, converted, sites, inputs.batches, fit, candidates)
             errors.append(_output_error(converted, inputs.batches, references))
             if errors[-1] >= min(errors[:-1]):
                 # Each site's fit is optimal for that site, but downstream nonlinearities can turn
@@ -264,6 +331,11 @@ def calibrate(
                 _restore(sites, best)
                 break
             best, kept = _affines(sites), sweep + 1
+        chosen = {s.path: int(s.converted.num_groups) for s in sites if searched[s.path]}
+    # The state guard puts plain attributes back, num_groups too; the chosen counts must outlive it.
+    for site in sites:
+        if site.path in chosen:
+            site.converted.num_groups = chosen[site.path]
     return CalibrationResult(
         source=source or inputs.source,
         fit=fit,
@@ -273,34 +345,62 @@ def calibrate(
         skipped=tuple(skipped),
         output_error=tuple(errors),
         kept_sweeps=kept,
+        groups=chosen,
     )
 
 
-def _sweep(original: nn.Module, converted: nn.Module, sites: list[_Site], batches: list[Any], fit: str) -> None:
-    moments: dict[str, _Moments] = {}
+def _sweep(
+    original: nn.Module,
+    converted: nn.Module,
+    sites: list[_Site],
+    batches: list[Any],
+    fit: str,
+    candidates: dict[str, tuple[int, ...]],
+) -> None:
+    moments: dict[Any, _Moments] = {}
     for batch in batches:
         targets: dict[str, list[torch.Tensor]] = {}
         handles = [s.original.register_forward_pre_hook(_record_targets(s, targets)) for s in sites]
         with _hooks(handles):
             original(*batch)
-        handles = [s.converted.register_forward_hook(_refit(s, targets, moments, fit)) for s in sites]
+        handles = [
+            s.converted.register_forward_hook(_refit(s, targets, moments, fit, candidates[s.path])) for s in sites
+        ]
         with _hooks(handles):
             converted(*batch)
     for site in sites:
-        if site.path in moments:
-            gamma, beta = moments[site.path].fit(fit, site.converted.weight.detach())
-            site.converted.weight.copy_(gamma.to(site.converted.weight.dtype))
-            site.converted.bias.copy_(beta.to(site.converted.bias.dtype))
+        if candidates[site.path]:
+            fitted = {g: moments[(site.path, g)] for g in candidates[site.path] if (site.path, g) in moments}
+            if not fitted:
+                continue
+            site.converted.num_groups = min(fitted, key=lambda g: fitted[g].residual())
+            stats = fitted[site.converted.num_groups]
+        elif site.path in moments:
+            stats = moments[site.path]
+        else:
+            continue
+        gamma, beta = stats.fit(fit, site.converted.weight.detach())
+        site.converted.weight.copy_(gamma.to(site.converted.weight.dtype))
+        site.converted.bias.copy_(beta.to(site.converted.bias.dtype))
 
 
-def _affines(sites: list[_Site]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(s.converted.weight.detach().clone(), s.converted.bias.detach().clone()) for s in sites]
+_State = tuple[torch.Tensor, torch.Tensor, int | None]
 
 
-def _restore(sites: list[_Site], affines: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for site, (weight, bias) in zip(sites, affines, strict=True):
+def _affines(sites: list[_Site]) -> list[_State]:
+    """What calibration changes at each site: the affine, and a GroupNorm's group count."""
+    return [
+        (m.weight.detach().clone(), m.bias.detach().clone(), getattr(m, "num_groups", None))
+        for m in (s.converted for s in sites)
+    ]
+
+
+def _restore(sites: list[_Site], states: list[_State]) -> None:
+    for site, (weight, bias, groups) in zip(sites, states, strict=True):
         site.converted.weight.copy_(weight)
         site.converted.bias.copy_(bias)
+        if groups is not None:
+            site.converted.num_groups = groups
 
 
 def _output_error(converted: nn.Module, batches: list[Any], references: list[Any]) -> float:

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--calibrate", metavar="DATA", help="refit the new layers on DATA (images folder or "
                          "tensor file), or 'data-free' to synthesise inputs from the BatchNorm statistics")
     convert.add_argument("--calibration-fit", default="least-squares", choices=["least-squares", "moments", "blend"])
+    convert.add_argument("--calibration-groups", choices=["search"], default=None,
+                         help="with --calibrate: also choose each GroupNorm's group count (1…32) on the data")
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
                          help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
     convert.add_argument("--recover-lr", type=float, default=1e-4, metavar="LR", help="default 1e-4")
@@ -207,7 +209,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     calibration = _calibration(model, args)
     # The saved plan records every site's input shape: the command line is not the place to save 10 ms.
     conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
-                             calibration=calibration, calibration_fit=args.calibration_fit, shapes="always",
+                             calibration=calibration, calibration_fit=args.calibration_fit,
+                             calibration_groups=args.calibration_groups, shapes="always",
                              **_facts(args))
     if args.recover_steps:
         conversion = _recover_conversion(model, conversion, calibration, data, args)

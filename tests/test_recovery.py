@@ -241,3 +241,43 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
         assert json.loads((tmp_path / "r" / "report.json").read_text())["calibration"]["recovery"]["steps"] == 3
     finally:
         _sys.path.remove(str(tmp_path))
+
+
+def depthwise_cnn(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """Depthwise convolutions between BatchNorms: channels with very different statistics, where
+    GroupNorm(32)'s per-sample group statistics are far from the running ones."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    data = torch.randn(128, 3, 8, 8) * torch.linspace(0.5, 2, 3).view(1, 3, 1, 1) + 0.3
+    return trained_stats(model, data, steps=20), data
+
+
+def test_calibration_can_choose_group_counts_and_the_plan_replays_them():
+    model, data = depthwise_cnn()
+    calibration, held = data[:96], data[96:]
+    fixed = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=calibration)
+    searched = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=calibration,
+                                calibration_groups="search")
+    chosen = searched.report.calibration["groups"]
+    assert set(chosen) == {"1", "4", "7"} and all(32 % g == 0 for g in chosen.values())
+    errors = searched.report.calibration["output_error"]
+    assert errors[searched.report.calibration["kept_sweeps"]] <= fixed.report.calibration["output_error"][-1] + 1e-12
+    assert drift_of(model, searched.model, held) <= drift_of(model, fixed.model, held) * 1.05
+    for e in searched.plan.conversions:
+        assert e.options["groups"] == chosen[e.site.path] == searched.model.get_submodule(e.site.path).num_groups
+    # The plan (JSON) replayed onto a fresh model, then the weights: the calibrated model exactly.
+    replayed = normswap.apply_plan(depthwise_cnn()[0], normswap.Plan.from_json(searched.plan.to_json()))
+    replayed.load_state_dict(searched.model.state_dict())
+    assert torch.equal(replayed.eval()(held), searched.model.eval()(held))
+    with pytest.raises(normswap.UnknownNameError, match="search"):
+        normswap.calibrate(model, fixed.model, calibration, groups="best")
