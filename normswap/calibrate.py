@@ -35,9 +35,10 @@ from .data import InputSet, load_inputs, model_input_size
 from .drift import output_leaves
 from .errors import DataError, PlanError, unknown_name
 from .tracing import model_state_guard
+from .transfer import NormState, statistics_aware_affine
 from .types import Plan
 
-FITS = ("least-squares", "moments", "blend")
+FITS = ("least-squares", "moments", "blend", "statistics")
 
 
 def calibratable(module: nn.Module) -> bool:
@@ -107,6 +108,14 @@ class _Moments:
         cov = self.nt / k - (self.n / k) * (self.t / k)
         explained = torch.where(var_n > 1e-10, cov**2 / var_n.clamp_min(1e-10), torch.zeros_like(var_n))
         return float(k * (var_t - explained).clamp_min(0).sum())
+
+    def error_of(self, gamma: torch.Tensor, beta: torch.Tensor) -> float:
+        """Sum of squared errors of y = gamma·n + beta against t, from the sums."""
+        assert self.n is not None and self.t is not None and self.nn_ is not None
+        assert self.tt is not None and self.nt is not None
+        g, b, k = gamma.double(), beta.double(), float(self.count)
+        sse = self.tt - 2 * g * self.nt - 2 * b * self.t + g * g * self.nn_ + 2 * g * b * self.n + b * b * k
+        return float(sse.clamp_min(0).sum())
 
     def fit(self, kind: str, fallback_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (gamma, beta) mapping n onto t.
@@ -270,6 +279,8 @@ def _refit(
         assert n is not None
         stats = moments.setdefault((site.path, module.num_groups) if candidates else site.path, _Moments())
         stats.add(n, target)
+        if fit == "statistics":  # the layer's own (transferred) affine stays: its output is the answer
+            return None
         gamma, beta = stats.fit(fit, module.weight.detach())
         view = (1, -1) + (1,) * (n.ndim - 2)
         y = n * gamma.to(n.dtype).view(view) + beta.to(n.dtype).view(view)
@@ -297,13 +308,20 @@ def calibrate(
     ``blend``. ``data``: anything :func:`normswap.load_inputs` takes (a tensor, an image folder, a
     tensor file). Modes and every other parameter of both models are left as they were.
 
+    ``fit="statistics"`` keeps the statistics-aware affine (recomputed for the chosen group count), so
+    the data only choose structure; per-site regressions attenuate the signal layer after layer in
+    deep networks, and the running statistics do not.
+
     ``groups="search"`` also chooses each GroupNorm's group count (among 1, 2, 4, …, 32 that divide
-    its channels, and its own) by the least-squares error against the original at that site: on
+    its channels, and its own) by the error of the fit's affine against the original at that site: on
     depthwise networks fewer groups keep far more of the original (see BENCHMARKS.md). The model's
     structure then differs from the plan: use ``result.updated_plan(plan)`` (``convert`` does).
     """
     if groups not in (None, "search"):
         raise unknown_name("calibration groups mode", str(groups), ["search"], "groups=")
+    if fit == "statistics" and groups is None:
+        raise PlanError("fit='statistics' keeps the transferred affine, so it only chooses structure: "
+                        "use it with groups='search'.")
     if fit not in FITS:
         raise unknown_name("calibration fit", fit, FITS)
     if sweeps < 1:
@@ -373,15 +391,29 @@ def _sweep(
             fitted = {g: moments[(site.path, g)] for g in candidates[site.path] if (site.path, g) in moments}
             if not fitted:
                 continue
-            site.converted.num_groups = min(fitted, key=lambda g: fitted[g].residual())
+            site.converted.num_groups = min(fitted, key=lambda g: _site_error(site, g, fitted[g], fit))
             stats = fitted[site.converted.num_groups]
         elif site.path in moments:
             stats = moments[site.path]
         else:
             continue
-        gamma, beta = stats.fit(fit, site.converted.weight.detach())
+        if fit == "statistics":
+            gamma, beta = _statistics_affine(site, site.converted.num_groups)
+        else:
+            gamma, beta = stats.fit(fit, site.converted.weight.detach())
         site.converted.weight.copy_(gamma.to(site.converted.weight.dtype))
         site.converted.bias.copy_(beta.to(site.converted.bias.dtype))
+
+
+def _statistics_affine(site: _Site, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return statistics_aware_affine(NormState.from_module(site.original), groups, site.converted.eps)
+
+
+def _site_error(site: _Site, groups: int, stats: _Moments, fit: str) -> float:
+    """How well a group count can serve this site: the error of the affine the fit would give it."""
+    if fit == "statistics":
+        return stats.error_of(*_statistics_affine(site, groups))
+    return stats.residual()
 
 
 _State = tuple[torch.Tensor, torch.Tensor, int | None]

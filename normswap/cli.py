@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-validate", action="store_true", help="skip the drift check")
     convert.add_argument("--calibrate", metavar="DATA", help="refit the new layers on DATA (images folder or "
                          "tensor file), or 'data-free' to synthesise inputs from the BatchNorm statistics")
-    convert.add_argument("--calibration-fit", default="least-squares", choices=["least-squares", "moments", "blend"])
+    convert.add_argument("--calibration-fit", default="least-squares",
+                         choices=["least-squares", "moments", "blend", "statistics"],
+                         help="statistics: keep the transferred affine (with --calibration-groups search)")
     convert.add_argument("--calibration-groups", choices=["search"], default=None,
                          help="with --calibrate: also choose each GroupNorm's group count (1…32) on the data")
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",

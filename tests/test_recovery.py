@@ -281,3 +281,24 @@ def test_calibration_can_choose_group_counts_and_the_plan_replays_them():
     assert torch.equal(replayed.eval()(held), searched.model.eval()(held))
     with pytest.raises(normswap.UnknownNameError, match="search"):
         normswap.calibrate(model, fixed.model, calibration, groups="best")
+
+
+def test_statistics_fit_chooses_structure_only_and_keeps_the_transfer():
+    from normswap.transfer import NormState, statistics_aware_affine
+
+    model, data = depthwise_cnn()
+    calibration, held = data[:96], data[96:]
+    plain = normswap.convert(model, "small-batch", data[:1], validate=False)
+    searched = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=calibration,
+                                calibration_groups="search", calibration_fit="statistics")
+    chosen = searched.report.calibration["groups"]
+    assert set(chosen) == {"1", "4", "7"}
+    for path, groups in chosen.items():
+        layer = searched.model.get_submodule(path)
+        gamma, beta = statistics_aware_affine(NormState.from_module(model.get_submodule(path)), groups, layer.eps)
+        assert layer.num_groups == groups
+        assert torch.allclose(layer.weight.float(), gamma.float()) and torch.allclose(layer.bias.float(), beta.float())
+    if searched.report.calibration["kept_sweeps"]:
+        assert drift_of(model, searched.model, held) < drift_of(model, plain.model, held)
+    with pytest.raises(normswap.PlanError, match="groups='search'"):
+        normswap.calibrate(model, plain.model, calibration, fit="statistics")
