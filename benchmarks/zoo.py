@@ -1058,6 +1058,7 @@ def render(records: Sequence[dict[str, Any]], mode: str, command: str, meta: dic
         f"{_mmss(meta.get('index_s', 0))} (cached). Memory: peak RSS above the pre-conversion RSS "
         f"(Linux VmHWM reset per conversion), not tracemalloc, which misses tensor storage.",
         "",
+        *([str(meta["note"]), ""] if meta.get("note") else []),  # how a resumed sweep's sessions differed
         "### Totals",
         "",
         *totals(records, meta.get("selected")),
