@@ -17,6 +17,17 @@ import normswap
 from .models import trained_stats
 
 
+def _trained_on_shifted_data(model: nn.Module, samples: int) -> tuple[nn.Module, torch.Tensor]:
+    """Spread the BatchNorm affines and learn running statistics of shifted, channel-scaled data."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    data = torch.randn(samples, 3, 8, 8) * torch.linspace(0.5, 2, 3).view(1, 3, 1, 1) + 0.3
+    return trained_stats(model, data, steps=20), data
+
+
 def small_cnn(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A BatchNorm CNN whose running statistics describe its data (as after training)."""
     torch.manual_seed(seed)
@@ -25,13 +36,7 @@ def small_cnn(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
         nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10), nn.BatchNorm1d(10),
     )
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    data = torch.randn(96, 3, 8, 8) * torch.linspace(0.5, 2, 3).view(1, 3, 1, 1) + 0.3
-    return trained_stats(model, data, steps=20), data
+    return _trained_on_shifted_data(model, 96)
 
 
 def drift_of(original, conversion_model, held):
@@ -253,13 +258,7 @@ def depthwise_cnn(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
         nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    data = torch.randn(128, 3, 8, 8) * torch.linspace(0.5, 2, 3).view(1, 3, 1, 1) + 0.3
-    return trained_stats(model, data, steps=20), data
+    return _trained_on_shifted_data(model, 128)
 
 
 def test_calibration_can_choose_group_counts_and_the_plan_replays_them():
