@@ -1,4 +1,4 @@
-"""Shared helpers of the real-data benchmarks (digits.py, lite1_photos.py): API detection, timing,
+"""Shared helpers of the real-data benchmarks (digits.py, lite1_photos.py, lite1_distill.py): API detection, timing,
 agreement metrics, JSON results and the BENCHMARKS.md section writer."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import resource
 import shlex
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from importlib import metadata
@@ -85,14 +86,54 @@ def seed_all(seed: int) -> None:
 
 
 @torch.no_grad()
-def logits_of(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Eval-mode logits, in batches; the model's mode is restored."""
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64, device: Any = None) -> torch.Tensor:
+    """Eval-mode logits on the CPU, in batches (sent to ``device`` when given); the mode is restored."""
     was = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).float()
+        chunks = (x[i : i + batch_size] for i in range(0, len(x), batch_size))
+        return torch.cat([model(c if device is None else c.to(device)).float().cpu() for c in chunks])
     finally:
         model.train(was)
+
+
+class MethodBench:
+    """Runs methods one by one, scores each model, records the row, and keeps going when one fails.
+    Subclasses say how a model is scored (``score``) and how a row is summarised (``summary``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def score(self, model: torch.nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def summary(self, row: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def record(self, method: str, how: str, fn: Any, *, needs: tuple[str, ...] = ()) -> dict[str, Any]:
+        row: dict[str, Any] = {"method": method, "how": how}
+        absent = [n for n in needs if api(n) is None]
+        if absent:
+            row.update(status="skipped", note="; ".join(missing_note(n) for n in absent))
+            print(f"[skip] {method}: {row['note']}", flush=True)
+            self.rows.append(row)
+            return row
+        print(f"[run ] {method} …", flush=True)
+        try:
+            with clock() as c:
+                out = fn()
+            model, extra = out if isinstance(out, tuple) else (out, {})
+            with clock() as s:
+                scores = self.score(model)
+            row.update(status="ok", **c.as_dict(), **extra, **scores, score_wall_s=round(s.wall_s, 3))
+            row["model"] = model
+            print(f"       {self.summary(row)}", flush=True)
+        except Exception as exc:  # a bug in one method must not hide the others' numbers
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            print(f"[FAIL] {method}: {row['error']}\n{row['traceback']}", file=sys.stderr, flush=True)
+        self.rows.append(row)
+        return row
 
 
 def agreement(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:

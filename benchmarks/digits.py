@@ -24,7 +24,6 @@ import argparse
 import json
 import copy
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,8 @@ from _common import (  # noqa: E402
     clock,
     command_line,
     logits_of,
+    MethodBench,
     machine,
-    missing_note,
     num,
     pct,
     save_json,
@@ -151,45 +150,25 @@ def train_labels(
     return steps
 
 
-class Bench:
-    """Runs methods one by one, records their numbers, and keeps going when one fails."""
+class Bench(MethodBench):
+    """Accuracy on the held-out digits and agreement with the original."""
 
     def __init__(self, original: nn.Module, data: dict[str, torch.Tensor]) -> None:
+        super().__init__()
         self.original = original
         self.data = data
         self.reference = logits_of(original, data["x_test"])
-        self.rows: list[dict[str, Any]] = []
 
     def score(self, model: nn.Module) -> dict[str, Any]:
         logits = logits_of(model, self.data["x_test"])
         acc = (logits.argmax(-1) == self.data["y_test"]).float().mean().item()
         return {"accuracy": acc, **agreement(self.reference, logits)}
 
-    def record(self, method: str, how: str, fn: Any, *, needs: tuple[str, ...] = ()) -> dict[str, Any]:
-        row: dict[str, Any] = {"method": method, "how": how}
-        absent = [n for n in needs if api(n) is None]
-        if absent:
-            row.update(status="skipped", note="; ".join(missing_note(n) for n in absent))
-            print(f"[skip] {method}: {row['note']}", flush=True)
-            self.rows.append(row)
-            return row
-        print(f"[run ] {method} …", flush=True)
-        try:
-            with clock() as c:
-                out = fn()
-            model, extra = out if isinstance(out, tuple) else (out, {})
-            row.update(status="ok", **c.as_dict(), **extra, **self.score(model))
-            row["model"] = model
-            print(
-                f"       accuracy {pct(row['accuracy'], 2)} %, agreement {pct(row['top1_agreement'], 2)} %, "
-                f"KL {row['kl']:.4f}, {row['wall_s']:.1f} s wall / {row['cpu_s']:.1f} s CPU",
-                flush=True,
-            )
-        except Exception as exc:  # a bug in one method must not hide the others' numbers
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-            print(f"[FAIL] {method}: {row['error']}\n{row['traceback']}", file=sys.stderr, flush=True)
-        self.rows.append(row)
-        return row
+    def summary(self, row: dict[str, Any]) -> str:
+        return (
+            f"accuracy {pct(row['accuracy'], 2)} %, agreement {pct(row['top1_agreement'], 2)} %, "
+            f"KL {row['kl']:.4f}, {row['wall_s']:.1f} s wall / {row['cpu_s']:.1f} s CPU"
+        )
 
 
 def convert(model: nn.Module, transfer: str, example: torch.Tensor, **kwargs: Any) -> Any:

@@ -35,7 +35,6 @@ import normswap  # noqa: E402
 import lite1_photos  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS,
-    agreement,
     command_line,
     machine,
     pct,
@@ -44,7 +43,7 @@ from _common import (  # noqa: E402
     versions,
     write_section,
 )
-from lite1_photos import CALIBRATION_PHOTOS, CONFIDENT, HELD_OUT_PHOTOS, build_original, build_views  # noqa: E402
+from lite1_photos import CALIBRATION_PHOTOS, HELD_OUT_PHOTOS, Bench, build_original, build_views  # noqa: E402
 
 
 def use_photo_archive(path: Path) -> None:
@@ -57,35 +56,6 @@ def export_photos(path: Path) -> None:
     arrays = {name: lite1_photos.load_photo(name) for name in CALIBRATION_PHOTOS + HELD_OUT_PHOTOS}
     np.savez_compressed(path, **arrays)
     print(f"wrote {len(arrays)} photos to {path} ({path.stat().st_size / 1e6:.1f} MB)")
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch: int = 64) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    try:
-        return torch.cat([model(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
-    finally:
-        model.train(was)
-
-
-class Scorer:
-    """Agreement with the original on the held-out views (all, and those it is confident on) and on
-    the calibration views."""
-
-    def __init__(self, original: torch.nn.Module, held: torch.Tensor, calib: torch.Tensor, device: torch.device):
-        self.held, self.calib, self.device = held, calib, device
-        self.ref_held = logits(original, held, device)
-        self.ref_calib = logits(original, calib, device)
-        self.confident = self.ref_held.softmax(-1).max(-1).values >= CONFIDENT
-
-    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
-        held = logits(model, self.held, self.device)
-        return {
-            **agreement(self.ref_held, held),
-            "confident_views": agreement(self.ref_held[self.confident], held[self.confident]),
-            "calibration_views": agreement(self.ref_calib, logits(model, self.calib, self.device)),
-        }
 
 
 def steps_for(minutes: float, probe: Any) -> tuple[int, float]:
@@ -119,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool = torch.cat([pool, torch.cat(chunks).clamp(-1, 1)])
         synthesis = {"samples": args.synth, "steps": args.synth_steps, "seconds": time.perf_counter() - started}
         print(f"synthesised {args.synth} inputs in {synthesis['seconds']:.0f} s", flush=True)
-    scorer = Scorer(original, held, calib, device)
+    bench = Bench(original, held, calib, 64, device)
     conversion = normswap.convert(original, small_batch_recipe("statistics"), example_inputs=held[:1].to(device),
                                   validate=False, batch_size=2)
     converted = conversion.model
@@ -134,13 +104,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps
     if args.minutes:
         steps, per_step = steps_for(args.minutes, lambda n: recover(copy.deepcopy(converted), n))
-    curve = [{"step": 0, "seconds": 0.0, **scorer(converted)}]
+    curve = [{"step": 0, "seconds": 0.0, **bench.score(converted)}]
     print(f"step 0: held-out top-1 {curve[0]['top1_agreement']:.3f}; {steps} steps to run", flush=True)
     started = time.perf_counter()
 
     def evaluate(step: int, loss: float) -> None:
         if step % args.eval_every == 0 or step == steps:
-            point = {"step": step, "seconds": time.perf_counter() - started, "loss": loss, **scorer(converted)}
+            point = {"step": step, "seconds": time.perf_counter() - started, "loss": loss, **bench.score(converted)}
             curve.append(point)
             print(f"step {step}: loss {loss:.4f} held-out top-1 {point['top1_agreement']:.3f} "
                   f"(confident {point['confident_views']['top1_agreement']:.3f}, calibration views "
@@ -156,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pool": {"views": len(pool), "photos": len(CALIBRATION_PHOTOS), "size": args.pool_size},
         "synthesis": synthesis,
         "held_out_views": len(held),
-        "confident_views": int(scorer.confident.sum()),
+        "confident_views": int(bench.confident.sum()),
         "steps": steps,
         "seconds_per_step": per_step,
         "recovery": result.to_dict(),

@@ -30,7 +30,6 @@ from collections import Counter
 import json
 import copy
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,8 @@ from _common import (  # noqa: E402
     clock,
     command_line,
     logits_of,
+    MethodBench,
     machine,
-    missing_note,
     num,
     pct,
     peak_rss_mib,
@@ -184,56 +183,39 @@ def build_original() -> nn.Module:
     return model
 
 
-class Bench:
-    def __init__(self, original: nn.Module, held_out: torch.Tensor, calib: torch.Tensor, eval_batch: int) -> None:
+class Bench(MethodBench):
+    """Agreement with the original on the held-out views (all, and those it is confident on) and on
+    the calibration views."""
+
+    def __init__(
+        self, original: nn.Module, held_out: torch.Tensor, calib: torch.Tensor, eval_batch: int, device: Any = None
+    ) -> None:
+        super().__init__()
         self.original = original
         self.held_out = held_out
         self.calib = calib
         self.eval_batch = eval_batch
-        self.ref_held = logits_of(original, held_out, eval_batch)
-        self.ref_calib = logits_of(original, calib, eval_batch)
+        self.device = device
+        self.ref_held = logits_of(original, held_out, eval_batch, device)
+        self.ref_calib = logits_of(original, calib, eval_batch, device)
         # Most of these photos are far from ImageNet and the original itself is unsure (median top-1
         # probability ~0.15), where any change flips the arg-max; agreement is also given on the views where
         # the original is confident.
         self.confident = self.ref_held.softmax(-1).max(-1).values >= CONFIDENT
-        self.rows: list[dict[str, Any]] = []
 
     def score(self, model: nn.Module) -> dict[str, Any]:
-        logits = logits_of(model, self.held_out, self.eval_batch)
+        logits = logits_of(model, self.held_out, self.eval_batch, self.device)
         held = agreement(self.ref_held, logits)
         sure = agreement(self.ref_held[self.confident], logits[self.confident]) if self.confident.any() else None
-        cal = agreement(self.ref_calib, logits_of(model, self.calib, self.eval_batch))
+        cal = agreement(self.ref_calib, logits_of(model, self.calib, self.eval_batch, self.device))
         return {**held, "confident_views": sure, "calibration_views": cal}
 
-    def record(self, method: str, how: str, fn: Any, *, needs: tuple[str, ...] = ()) -> dict[str, Any]:
-        row: dict[str, Any] = {"method": method, "how": how}
-        absent = [n for n in needs if api(n) is None]
-        if absent:
-            row.update(status="skipped", note="; ".join(missing_note(n) for n in absent))
-            print(f"[skip] {method}: {row['note']}", flush=True)
-            self.rows.append(row)
-            return row
-        print(f"[run ] {method} …", flush=True)
-        try:
-            with clock() as c:
-                out = fn()
-            model, extra = out if isinstance(out, tuple) else (out, {})
-            with clock() as s:
-                scores = self.score(model)
-            row.update(status="ok", **c.as_dict(), **extra, **scores, score_wall_s=round(s.wall_s, 3))
-            row["model"] = model
-            print(
-                f"       held-out top-1 agreement {pct(row['top1_agreement'])} %, KL {row['kl']:.4f}, "
-                f"rel L2 {row['relative_l2']:.3f}; calibration views "
-                f"{pct(scores['calibration_views']['top1_agreement'])}"
-                f" %; {row['wall_s']:.1f} s wall / {row['cpu_s']:.1f} s CPU (+{s.wall_s:.1f} s scoring)",
-                flush=True,
-            )
-        except Exception as exc:
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-            print(f"[FAIL] {method}: {row['error']}\n{row['traceback']}", file=sys.stderr, flush=True)
-        self.rows.append(row)
-        return row
+    def summary(self, row: dict[str, Any]) -> str:
+        return (
+            f"held-out top-1 agreement {pct(row['top1_agreement'])} %, KL {row['kl']:.4f}, "
+            f"rel L2 {row['relative_l2']:.3f}; calibration views {pct(row['calibration_views']['top1_agreement'])}"
+            f" %; {row['wall_s']:.1f} s wall / {row['cpu_s']:.1f} s CPU (+{row['score_wall_s']:.1f} s scoring)"
+        )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
