@@ -13,7 +13,6 @@ from typing import Any
 from torch import nn
 
 from .apply import apply_plan as _apply
-from .apply import batchnorm_left
 from .calibrate import CalibrationResult, calibrate, synthesize_inputs
 from .checks import count_parameters
 from .cloning import clone_model
@@ -120,7 +119,7 @@ def convert(
         plan_summary=the_plan.summary(), swaps=tuple(applied.swaps), warnings=tuple(applied.warnings),
         timings={name: b - a for name, a, b in zip(steps, clock[:-1], clock[1:], strict=True)},
         params_before=before[0], params_after=after[0], buffers_before=before[1], buffers_after=after[1],
-        batchnorm_left=tuple(batchnorm_left(applied.model)), drift=drift,
+        batchnorm_left=tuple(applied.batchnorm_left), drift=drift,
         calibration=calibrated.to_dict() if calibrated is not None else None,
     )
     conversion = Conversion(model=applied.model, plan=the_plan, report=report)

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .cloning import clone_model
 from .errors import PlanError
 from .targets import get_target
-from .tracing import is_functional_batch_norm, model_state_guard, module_aliases, qualname, trace_graph
+from .tracing import ModuleIndex, is_functional_batch_norm, model_state_guard, qualname, trace_graph
 from .transfer import NormState
 from .types import Plan, PlanEntry, SwapRecord
 
@@ -28,18 +28,19 @@ class Applied:
     model: nn.Module
     swaps: list[SwapRecord]
     warnings: list[str]
+    batchnorm_left: list[str]
 
 
 def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
     """Apply ``plan`` to ``model`` (a copy unless ``inplace``); weights are transferred as planned."""
     target_model = model if inplace else clone_model(model)
-    modules = dict(target_model.named_modules(remove_duplicate=False))
+    index = ModuleIndex.of(target_model)
+    modules = index.by_path
     _check_fits(target_model, plan, modules)
     graph = _trace_for_rewrite(target_model) if plan.needs_graph() else None
     staged = _stage(target_model, plan, graph, modules)
-    aliases = module_aliases(target_model)
     for path, module in staged.modules.items():
-        _swap_module(target_model, path, module, aliases, modules)
+        _swap_module(target_model, path, module, index.aliases, modules)
     warnings = []
     if graph is not None:
         target_model = _rewrite_functional(target_model, graph, staged.functional)
@@ -53,8 +54,8 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
             f"the model did not trace ({plan.trace_error}); module sites were learned from forward "
             "hooks and functional batch_norm calls, if any, could not be seen."
         )
-    check_result(target_model, plan)
-    return Applied(target_model, staged.records, warnings)
+    left = check_result(target_model, plan)
+    return Applied(target_model, staged.records, warnings, left)
 
 
 @dataclass
@@ -213,14 +214,16 @@ def running_stats_left(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] in RUNNING_STAT_NAMES]
 
 
-def check_result(model: nn.Module, plan: Plan) -> None:
-    """Verify what the recipe promised on the model itself, not on the plan."""
-    if "no-batchnorm" in plan.ensure and (left := batchnorm_left(model)):
+def check_result(model: nn.Module, plan: Plan) -> list[str]:
+    """Verify what the recipe promised on the model itself, not on the plan; returns the BatchNorm left."""
+    left = batchnorm_left(model)
+    if "no-batchnorm" in plan.ensure and left:
         raise PlanError(
             f"recipe {plan.recipe!r} ensures no-batchnorm, yet BatchNorm remains at: {', '.join(left[:10])}."
         )
-    if "no-running-stats" in plan.ensure and (left := running_stats_left(model)):
+    if "no-running-stats" in plan.ensure and (stats := running_stats_left(model)):
         raise PlanError(
             f"recipe {plan.recipe!r} ensures no-running-stats, yet running statistics remain at: "
-            f"{', '.join(left[:10])}."
+            f"{', '.join(stats[:10])}."
         )
+    return left

@@ -49,5 +49,13 @@ def batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameter elements, buffer elements)."""
-    return (sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()))
+    """(parameter elements, buffer elements), each tensor counted once, as ``parameters()`` does."""
+    seen: set[int] = set()
+    counts = [0, 0]
+    for m in model.modules():  # one walk for both, where parameters() and buffers() take one each
+        for kind, table in enumerate((m._parameters, m._buffers)):
+            for t in table.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    counts[kind] += t.numel()
+    return counts[0], counts[1]

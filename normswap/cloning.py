@@ -21,7 +21,13 @@ M = TypeVar("M", bound=nn.Module)
 
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.layout, type)
 _COPY_HOOKS = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
+# torch's own hooks that only fill in attributes missing from old pickles: on a live module, whose
+# __dict__ has them all, they do what nn.Module's do (convolutions are the common case).
+_DEFAULTS_ONLY_SETSTATE = frozenset(
+    cls.__dict__["__setstate__"] for cls in (nn.modules.conv._ConvNd, nn.Softmax, nn.Softmin, nn.LogSoftmax)
+)
 _PLAIN: dict[type, bool] = {}
+_CONTAINERS = frozenset((dict, OrderedDict, set, list))
 
 
 def clone_model(model: M) -> M:
@@ -74,11 +80,16 @@ def _clone_tensor(t: torch.Tensor) -> torch.Tensor:
 def _is_plain(cls: type) -> bool:
     plain = _PLAIN.get(cls)
     if plain is None:
-        plain = all(getattr(cls, hook, None) is getattr(nn.Module, hook, None) for hook in _COPY_HOOKS) and not any(
+        plain = all(_module_default(cls, hook) for hook in _COPY_HOOKS) and not any(
             "__slots__" in vars(c) for c in cls.__mro__ if c is not object
         )
         _PLAIN[cls] = plain
     return plain
+
+
+def _module_default(cls: type, hook: str) -> bool:
+    own = getattr(cls, hook, None)
+    return own is getattr(nn.Module, hook, None) or (hook == "__setstate__" and own in _DEFAULTS_ONLY_SETSTATE)
 
 
 def _clone(module: Any, memo: dict[int, Any]) -> Any:
@@ -93,20 +104,32 @@ def _clone(module: Any, memo: dict[int, Any]) -> Any:
     memo[id(memo)].append(module)
     state = {}
     for key, value in module.__dict__.items():
-        if key == "_modules":
+        kind = type(value)
+        if kind in _IMMUTABLE:  # most of a module's attributes, then its many empty hook tables: inline
+            state[key] = value
+        elif kind in _CONTAINERS and not value:
+            state[key] = kind()
+        elif key == "_modules":
             state[key] = type(value)((n, None if c is None else _clone(c, memo)) for n, c in value.items())
         elif key in ("_parameters", "_buffers"):
-            state[key] = type(value)((n, None if t is None else copy.deepcopy(t, memo)) for n, t in value.items())
+            state[key] = type(value)((n, None if t is None else _tensor(t, memo)) for n, t in value.items())
         else:
             state[key] = _value(value, memo)
     new.__dict__.update(state)
     return new
 
 
+def _tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    done = memo.get(id(t))
+    return done if done is not None else copy.deepcopy(t, memo)
+
+
 def _value(value: Any, memo: dict[int, Any]) -> Any:
     kind = type(value)
     if kind in _IMMUTABLE or (kind is tuple and all(type(v) in _IMMUTABLE for v in value)):
         return value
-    if (kind is dict or kind is OrderedDict) and not value:  # the many empty hook dicts
+    if kind in _CONTAINERS and not value:
         return kind()
+    if kind is set and all(type(v) is str for v in value):  # _non_persistent_buffers_set
+        return set(value)
     return copy.deepcopy(value, memo)

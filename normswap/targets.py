@@ -87,18 +87,27 @@ class Target(abc.ABC):
 
 def finish(module: nn.Module, state: NormState) -> nn.Module:
     """Put a new module on the old one's device and dtype, mode and trainability."""
-    module.to(device=state.device, dtype=state.dtype)
+    if any(t.device != state.device or t.dtype != state.dtype for t in _own_tensors(module)):
+        module.to(device=state.device, dtype=state.dtype)
     for p in module.parameters(recurse=False):
         p.requires_grad_(state.requires_grad)
     return module.train(state.training)
 
 
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+
+
 def set_affine(module: nn.Module, values: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Install (weight, bias) as the module's affine parameters; they already have its dtype and device."""
     if values is None or getattr(module, "weight", None) is None:
         return
-    with torch.no_grad():
-        module.weight.copy_(values[0])
-        module.bias.copy_(values[1])
+    for name, value in zip(("weight", "bias"), values, strict=True):
+        old = module._parameters[name]
+        assert old is not None and old.shape == value.shape and old.dtype == value.dtype
+        # Written into the parameter table directly: setattr's checks cost more than the rest of the
+        # build on a network of hundreds of small norms, and this module is fresh, with no hooks yet.
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
 
 
 def with_activation(norm: nn.Module, state: NormState) -> nn.Module:

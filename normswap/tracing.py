@@ -34,6 +34,7 @@ from .types import LAYOUT_BY_NDIM, OtherNorm, Site
 FUNCTIONAL_BATCH_NORMS: tuple[Callable[..., Any], ...] = (F.batch_norm, torch.batch_norm)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+OWNER_META = "normswap_owner"  # node.meta key: the module a functional batch_norm call is made in
 _OTHER_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
 # Norm layers from other libraries (timm RmsNorm, torchvision FrozenBatchNorm2d); not wrappers such as
 # levit's ConvNorm, which merely contain a norm.
@@ -84,6 +85,7 @@ class NormswapTracer(fx.Tracer):
         leaves, functions = _timm_leaves()
         super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
         self._leaf_types = tuple(leaves)
+        self._owners: list[str] = []  # paths of the modules being traced through, innermost last
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -92,6 +94,54 @@ class NormswapTracer(fx.Tracer):
         if isinstance(m, _BatchNorm) or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        # fx's own keeps a scope, a module stack and call counts at every module call, for node metadata
+        # normswap does not read; only the path of the module being traced through is kept here.
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):
+            return self.create_proxy("call_module", path, args, kwargs)
+        self._owners.append(path)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            self._owners.pop()
+
+    def create_node(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+    ) -> fx.Node:
+        # fx copies its module stack into every node (and a scope table besides); normswap needs only
+        # the module a functional batch_norm call is made in, to name the site.
+        node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "call_function" and target in FUNCTIONAL_BATCH_NORMS:
+            node.meta[OWNER_META] = self._owners[-1] if self._owners else ""
+        return node
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # fx finds a parameter's name by scanning all the model's parameters at every access; a table
+        # built once turns that quadratic walk into a lookup.
+        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
+            name = self._parameter_names().get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _parameter_names(self) -> dict[int, str]:
+        names = self.__dict__.get("_names_by_id")
+        if names is None or names[0] is not self.root:
+            names = (self.root, {id(p): n for n, p in self.root.named_parameters()})
+            self.__dict__["_names_by_id"] = names
+        return names[1]
 
 
 @contextmanager
@@ -103,30 +153,51 @@ def model_state_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[None
     dicts, after which ``torch.save(model)`` fails; an eval forward fills the same caches with real
     tensors. Both are undone here.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    snapshots = []
-    for m in model.modules():
-        attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
-        dicts = {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}
-        snapshots.append((m, attrs, dicts))
+    snapshots = [_snapshot(m) for m in model.modules()]
     try:
         if eval_mode:
-            model.eval()
+            _set_eval(model)
         yield
     finally:
-        for m, mode in modes:
-            m.training = mode
-        for m, attrs, dicts in snapshots:
-            for key in [k for k in m.__dict__ if k not in _MODULE_INTERNALS and k not in attrs]:
-                del m.__dict__[key]
-            for key, value in attrs.items():
-                if m.__dict__.get(key) is not value:
-                    m.__dict__[key] = value
-            for key, content in dicts.items():
-                current = m.__dict__[key]
-                if current.keys() != content.keys() or any(current[k] is not v for k, v in content.items()):
-                    current.clear()
-                    current.update(content)
+        for snapshot in snapshots:
+            _restore(*snapshot)
+
+
+_Snapshot = tuple[nn.Module, dict[str, Any], dict[str, dict[Any, Any]]]
+
+
+def _snapshot(m: nn.Module) -> _Snapshot:
+    attrs = m.__dict__.copy()  # includes ``training``
+    plain = attrs.keys() - _MODULE_INTERNALS
+    return m, attrs, {k: dict(attrs[k]) for k in plain if isinstance(attrs[k], dict)}
+
+
+def _restore(m: nn.Module, attrs: dict[str, Any], dicts: dict[str, dict[Any, Any]]) -> None:
+    # The module's own __dict__ is written directly: these are plain attributes (``training``, caches),
+    # never parameters, buffers or submodules, which nn.Module.__setattr__ would route elsewhere.
+    current = m.__dict__
+    current["training"] = attrs["training"]
+    for key in current.keys() - attrs.keys():
+        if key not in _MODULE_INTERNALS:
+            del current[key]
+    for key in attrs.keys() - _MODULE_INTERNALS:
+        if current.get(key) is not attrs[key]:
+            current[key] = attrs[key]
+    for key, content in dicts.items():
+        now = current[key]
+        if now.keys() != content.keys() or any(now[k] is not v for k, v in content.items()):
+            now.clear()
+            now.update(content)
+
+
+def _set_eval(model: nn.Module) -> None:
+    """``model.eval()``, with the flag written directly where a module keeps nn.Module's ``train``
+    (``train`` sets it through ``__setattr__``, a tenth of a small network's discovery time)."""
+    for m in model.modules():
+        if type(m).train is nn.Module.train:
+            m.__dict__["training"] = False
+        else:
+            m.train(False)
 
 
 def trace_graph(model: nn.Module) -> fx.Graph:
@@ -149,10 +220,8 @@ def functional_arguments(node: fx.Node) -> dict[str, Any]:
 
 
 def functional_owner(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    return next(reversed(stack.values()))[0]
+    """The path of the module whose forward makes this call ("" for the model's own)."""
+    return str(node.meta.get(OWNER_META, ""))
 
 
 def functional_site_path(node: fx.Node) -> str:
@@ -249,10 +318,30 @@ class Discovery:
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
     """Every path under which each module object is reachable (a shared module has several)."""
-    paths: dict[int, list[str]] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(m), []).append(path)
-    return paths
+    return ModuleIndex.of(model).aliases
+
+
+@dataclass(frozen=True)
+class ModuleIndex:
+    """One walk over a model's modules, for the lookups discovery makes per site."""
+
+    by_path: dict[str, nn.Module]  # every path, a shared module under each of its paths
+    aliases: dict[int, list[str]]
+    unique: list[tuple[str, nn.Module]]  # what ``named_modules()`` gives: each module once, first path
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModuleIndex:
+        by_path = dict(model.named_modules(remove_duplicate=False))
+        aliases: dict[int, list[str]] = {}
+        unique = []
+        for path, m in by_path.items():
+            known = aliases.get(id(m))
+            if known is None:
+                aliases[id(m)] = [path]
+                unique.append((path, m))
+            else:
+                known.append(path)
+        return cls(by_path, aliases, unique)
 
 
 SHAPE_MODES = ("auto", "always")
@@ -269,10 +358,10 @@ def discover(model: nn.Module, example_inputs: Any = None, shapes: str = "auto")
     """
     if shapes not in SHAPE_MODES:
         raise unknown_name("shapes mode", shapes, SHAPE_MODES, "shapes=")
-    _refuse_uninitialized(model)
+    index = ModuleIndex.of(model)
+    _refuse_uninitialized(index)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
-    aliases = module_aliases(model)
-    bn_modules = [(p, m) for p, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    bn_modules = [(p, m) for p, m in index.unique if isinstance(m, _BatchNorm)]
     with model_state_guard(model):
         graph, trace_error = None, None
         try:
@@ -284,16 +373,16 @@ def discover(model: nn.Module, example_inputs: Any = None, shapes: str = "auto")
             observed, functional_seen, eager_calls = _observe(model, graph, inputs, bn_modules)
         else:
             observed, functional_seen, eager_calls = _from_graph(bn_modules, node_index)
-    sites = [_module_site(path, m, observed[id(m)], node_index, aliases[id(m)], model) for path, m in bn_modules]
+    sites = [_module_site(path, m, observed[id(m)], node_index, index) for path, m in bn_modules]
     if graph is not None:
         sites += [
-            _functional_site(n, functional_seen.get(n.name, _Observed()), model, node_index)
+            _functional_site(n, functional_seen.get(n.name, _Observed()), model, node_index, index)
             for n in graph.nodes
             if is_functional_batch_norm(n)
         ]
     else:
         sites += eager_calls
-    others = [OtherNorm(p, qualname(m)) for p, m in model.named_modules() if _is_other_norm(m)]
+    others = [OtherNorm(p, qualname(m)) for p, m in index.unique if _is_other_norm(m)]
     shapes_seen = tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor))
     return Discovery(sites, others, graph, trace_error, shapes_seen)
 
@@ -422,11 +511,9 @@ class _EagerFunctionalCalls(TorchFunctionMode):
         self.sites.append(_call_site(path, a, obs, channels, has_stats, _Structure(), "eager", None))
 
 
-def _refuse_uninitialized(model: nn.Module) -> None:
+def _refuse_uninitialized(index: ModuleIndex) -> None:
     """A forward pass would materialise lazy modules (and change their class) on the user's model."""
-    lazy = [
-        p for p, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()
-    ]
+    lazy = [p for p, m in index.unique if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
     if lazy:
         raise TraceError(
             f"{len(lazy)} lazy module(s) are not initialised yet ({', '.join(lazy[:5])}); normswap will not "
@@ -475,10 +562,10 @@ def _module_nodes(graph: fx.Graph | None) -> dict[str, list[fx.Node]]:
     return index
 
 
-def describe_node(node: fx.Node, model: nn.Module) -> tuple[str, str | None]:
+def describe_node(node: fx.Node, modules: ModuleIndex) -> tuple[str, str | None]:
     """A node as 'what it is' plus the class or function name behind it."""
     if node.op == "call_module":
-        return str(node.target), type(resolve_attr(model, str(node.target))).__name__
+        return str(node.target), type(modules.by_path[str(node.target)]).__name__
     if node.op in ("call_function", "call_method"):
         name = getattr(node.target, "__name__", str(node.target))
         return f"{node.op}:{name}", name
@@ -494,7 +581,7 @@ class _Structure:
     consumers: tuple[str, ...] = ()
 
 
-def _structure(nodes: list[fx.Node], model: nn.Module, module_nodes: dict[str, list[fx.Node]]) -> _Structure:
+def _structure(nodes: list[fx.Node], modules: ModuleIndex, module_nodes: dict[str, list[fx.Node]]) -> _Structure:
     """Producer, its class, whether it is called once and feeds only this site, the channels it could
     take a folded BatchNorm for, and the consumers."""
     from .transfer import foldable_out_channels
@@ -503,13 +590,13 @@ def _structure(nodes: list[fx.Node], model: nn.Module, module_nodes: dict[str, l
         return _Structure()
     first = nodes[0]
     source = first.args[0] if first.args else None
-    consumers = tuple(dict.fromkeys(describe_node(u, model)[0] for n in nodes for u in n.users))
+    consumers = tuple(dict.fromkeys(describe_node(u, modules)[0] for n in nodes for u in n.users))
     if not isinstance(source, fx.Node):
         return _Structure(consumers=consumers)
-    producer, producer_cls = describe_node(source, model)
+    producer, producer_cls = describe_node(source, modules)
     called_once = source.op != "call_module" or len(module_nodes.get(str(source.target), [])) == 1
     exclusive = len(nodes) == 1 and len(source.users) == 1 and called_once
-    channels = foldable_out_channels(resolve_attr(model, str(source.target))) if source.op == "call_module" else None
+    channels = foldable_out_channels(modules.by_path[str(source.target)]) if source.op == "call_module" else None
     return _Structure(producer, producer_cls, exclusive, channels, consumers)
 
 
@@ -527,10 +614,10 @@ def _layout(shape: tuple[int, ...] | None, module: nn.Module | None) -> tuple[st
 
 
 def _module_site(
-    path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]], paths: list[str], model: nn.Module
+    path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]], modules: ModuleIndex
 ) -> Site:
     nodes = module_nodes.get(path, [])
-    st = _structure(nodes, model, module_nodes)
+    st = _structure(nodes, modules, module_nodes)
     layout, inferred = _layout(obs.shape, m)
     learned = "fx" if nodes else ("eager" if obs.calls else "none")
     state = next((t for t in (m.weight, m.running_mean) if isinstance(t, torch.Tensor)), None)
@@ -558,7 +645,7 @@ def _module_site(
         consumers=st.consumers,
         call_count=obs.calls,
         learned_by=learned,
-        aliases=tuple(p for p in paths if p != path),
+        aliases=tuple(p for p in modules.aliases[id(m)] if p != path),
         mro=tuple(qualname(c) for c in type(m).__mro__ if issubclass(c, _BatchNorm)),
     )
 
@@ -567,7 +654,9 @@ def _num_features(m: _BatchNorm) -> int:
     return int(m.num_features)
 
 
-def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module, module_nodes: dict[str, list[fx.Node]]) -> Site:
+def _functional_site(
+    node: fx.Node, obs: _Observed, model: nn.Module, module_nodes: dict[str, list[fx.Node]], modules: ModuleIndex
+) -> Site:
     args = functional_arguments(node)
     tensors = {k: _attr_tensor(model, args.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
     known = [t for t in tensors.values() if t is not None]
@@ -577,7 +666,7 @@ def _functional_site(node: fx.Node, obs: _Observed, model: nn.Module, module_nod
         channels = int(obs.shape[1])
     else:
         channels = 0
-    st = _structure([node], model, module_nodes)
+    st = _structure([node], modules, module_nodes)
     has_stats = tensors["running_mean"] is not None and tensors["running_var"] is not None
     return _call_site(functional_site_path(node), args, obs, channels, has_stats, st, "fx", node.name)
 

@@ -30,6 +30,14 @@ def test_functional_batch_norm_is_found_and_rewritten():
     assert any("GraphModule" in w for w in conversion.report.warnings)
 
 
+def test_a_nested_functional_call_is_named_after_the_module_making_it():
+    model = nn.Sequential(nn.Identity(), nn.Sequential(FunctionalBN())).eval()
+    [site] = [e.site for e in normswap.plan(model, "small-batch", torch.randn(1, 3, 8, 8)).entries]
+    assert site.kind == "functional" and site.path == f"1.0.{site.node}"
+    converted = normswap.convert(model, "small-batch", torch.randn(1, 3, 8, 8)).model
+    assert isinstance(converted.get_submodule(site.path), nn.GroupNorm)
+
+
 def test_functional_fold_falls_back_and_stays_exact():
     torch.manual_seed(0)
     model = FunctionalBN().eval()
