@@ -139,20 +139,28 @@ def statistics_aware_affine(state: NormState, groups: int, eps: float) -> tuple[
     gamma = _float64(state.weight).reshape(shape) if state.weight is not None else np.ones(shape)
     beta = _float64(state.bias).reshape(shape) if state.bias is not None else np.zeros(shape)
     s_c = np.sqrt(var + state.eps)
-    m_g = mu.mean(1, keepdims=True)
-    v_g = np.maximum((var + mu * mu).mean(1, keepdims=True) - m_g * m_g, 0)
+    m_g = mu.sum(1, keepdims=True) / shape[1]  # what mean() computes, without its dispatch overhead
+    v_g = np.maximum((var + mu * mu).sum(1, keepdims=True) / shape[1] - m_g * m_g, 0)
     t_g = np.sqrt(v_g + eps)
     weight = gamma * t_g / s_c
     bias = beta + gamma * (m_g - mu) / s_c
     return _as_layer_tensor(weight, state), _as_layer_tensor(bias, state)
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
 def _float64(t: torch.Tensor) -> np.ndarray:
+    if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad:
+        return t.numpy().astype(np.float64)  # one conversion instead of two torch operations
     return t.detach().to("cpu", torch.float64).numpy()
 
 
 def _as_layer_tensor(values: np.ndarray, state: NormState) -> torch.Tensor:
-    return torch.from_numpy(values.reshape(-1)).to(device=state.device, dtype=state.dtype)
+    values = values.reshape(-1)
+    if state.device.type == "cpu" and state.dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(values.astype(_NUMPY_DTYPES[state.dtype]))
+    return torch.from_numpy(values).to(device=state.device, dtype=state.dtype)
 
 
 def transferred_affine(
