@@ -389,7 +389,7 @@ def plan_stats(plan: normswap.Plan, bn_present: int) -> dict[str, Any]:
     return {
         "trace": plan.trace,
         "trace_error": plan.trace_error,
-        "learned_by": {k: learned.get(k, 0) for k in ("fx", "eager", "none")},
+        "learned_by": {k: learned.get(k, 0) for k in ("fx", "eager", "class", "none")},
         "sites": len(plan.entries),
         "module_sites": module_sites,
         "functional_sites": len(plan.entries) - module_sites,
@@ -1035,7 +1035,8 @@ def learned_line(ran: Sequence[dict[str, Any]]) -> str:
     traces = Counter(p.get("trace") for p in plans)
     return (
         f"- How site context was learned (`small-batch` plans): sites by fx {learned['fx']}, by eager hooks "
-        f"{learned['eager']}, not at all {learned['none']}; models traced by fx {traces['fx']}, "
+        f"{learned['eager']}, by their class inside a leaf module (BatchNorm2d/3d: no forward pass needed) "
+        f"{learned['class']}, not at all {learned['none']}; models traced by fx {traces['fx']}, "
         f"eager fallback {traces['eager']}."
     )
 

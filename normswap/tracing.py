@@ -369,11 +369,12 @@ def discover(model: nn.Module, example_inputs: Any = None, shapes: str = "auto")
         except Exception as exc:  # any tracing failure means: fall back to eager hooks
             trace_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         node_index = _module_nodes(graph)
-        if shapes == "always" or _needs_forward(graph, bn_modules, node_index):
+        ran = shapes == "always" or _needs_forward(graph, bn_modules, node_index)
+        if ran:
             observed, functional_seen, eager_calls = _observe(model, graph, inputs, bn_modules)
         else:
             observed, functional_seen, eager_calls = _from_graph(bn_modules, node_index)
-    sites = [_module_site(path, m, observed[id(m)], node_index, index) for path, m in bn_modules]
+    sites = [_module_site(path, m, observed[id(m)], node_index, index, ran) for path, m in bn_modules]
     if graph is not None:
         sites += [
             _functional_site(n, functional_seen.get(n.name, _Observed()), model, node_index, index)
@@ -399,9 +400,11 @@ def _fixed_layout(m: nn.Module) -> str | None:
 def _needs_forward(
     graph: fx.Graph | None, bn_modules: list[tuple[str, nn.Module]], node_index: dict[str, list[fx.Node]]
 ) -> bool:
+    """Whether a plan decision depends on running the model. A BatchNorm2d/3d inside a leaf module is
+    not in the graph, but its class fixes its layout; the forward would only add its call count."""
     if graph is None or any(is_functional_batch_norm(n) for n in graph.nodes):
         return True
-    return any(path not in node_index or _fixed_layout(m) is None for path, m in bn_modules)
+    return any(_fixed_layout(m) is None for _, m in bn_modules)
 
 
 def _from_graph(bn_modules: list[tuple[str, nn.Module]], node_index: dict[str, list[fx.Node]]) -> Observation:
@@ -614,12 +617,13 @@ def _layout(shape: tuple[int, ...] | None, module: nn.Module | None) -> tuple[st
 
 
 def _module_site(
-    path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]], modules: ModuleIndex
+    path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]], modules: ModuleIndex,
+    ran: bool,
 ) -> Site:
     nodes = module_nodes.get(path, [])
     st = _structure(nodes, modules, module_nodes)
     layout, inferred = _layout(obs.shape, m)
-    learned = "fx" if nodes else ("eager" if obs.calls else "none")
+    learned = _learned_by(bool(nodes), obs.calls, ran)
     state = next((t for t in (m.weight, m.running_mean) if isinstance(t, torch.Tensor)), None)
     dtype = obs.dtype or (str(state.dtype).replace("torch.", "") if state is not None else "float32")
     return Site(
@@ -648,6 +652,15 @@ def _module_site(
         aliases=tuple(p for p in modules.aliases[id(m)] if p != path),
         mro=tuple(qualname(c) for c in type(m).__mro__ if issubclass(c, _BatchNorm)),
     )
+
+
+def _learned_by(in_graph: bool, calls: int, ran: bool) -> str:
+    if in_graph:
+        return "fx"
+    if calls:
+        return "eager"
+    # Only a module whose class fixes its layout is left unobserved (see _needs_forward).
+    return "none" if ran else "class"
 
 
 def _num_features(m: _BatchNorm) -> int:

@@ -84,7 +84,10 @@ class Site:
     producer_foldable: bool
     consumers: tuple[str, ...]
     call_count: int
-    learned_by: Literal["fx", "eager", "none"]
+    # fx: a node of the trace; eager: seen called by a forward hook (inside a leaf module, or the model
+    # did not trace); class: inside a leaf module, its class fixing the layout, so no forward pass ran
+    # to see it called; none: never seen called.
+    learned_by: Literal["fx", "eager", "class", "none"]
     node: str | None = None
     aliases: tuple[str, ...] = ()
     mro: tuple[str, ...] = ()

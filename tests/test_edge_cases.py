@@ -110,7 +110,7 @@ def test_untraceable_model_converts_from_forward_hooks():
     assert any("did not trace" in w for w in conversion.report.warnings)
 
 
-def test_batchnorm_inside_a_leaf_module_is_learned_by_hooks():
+def test_batchnorm_inside_a_leaf_module_is_found_and_converted():
     from timm.layers import register_notrace_module
 
     @register_notrace_module
@@ -122,10 +122,17 @@ def test_batchnorm_inside_a_leaf_module_is_learned_by_hooks():
         def forward(self, x):
             return self.bn(x)
 
+    calls = []
     model = nn.Sequential(nn.Conv2d(3, 8, 1), Opaque()).eval()
-    plan = normswap.plan(model, "small-batch", torch.randn(1, 3, 4, 4))
-    [entry] = plan.entries
-    assert entry.site.path == "1.bn" and entry.site.learned_by == "eager" and entry.site.layout == "image"
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    # The graph does not see inside the leaf, but a BatchNorm2d's input is an image: no forward needed.
+    [entry] = normswap.plan(model, "small-batch", torch.randn(1, 3, 4, 4)).entries
+    assert entry.site.path == "1.bn" and entry.site.learned_by == "class" and entry.site.layout == "image"
+    assert calls == [] and not entry.site.layout_inferred
+    # Asked to record shapes, the forward's hooks see it called.
+    [seen] = normswap.plan(model, "small-batch", torch.randn(1, 3, 4, 4), shapes="always").entries
+    assert seen.site.learned_by == "eager" and seen.site.input_shape == (1, 8, 4, 4) and seen.site.call_count == 1
+    assert seen.target == entry.target and seen.options == entry.options
     assert batchnorm_left(normswap.convert(model, "small-batch", torch.randn(1, 3, 4, 4)).model) == []
 
 
