@@ -19,7 +19,7 @@ from .cloning import clone_model
 from .data import load_inputs
 from .drift import ValidationFailed
 from .drift import validate as validate_drift
-from .planner import build_plan
+from .planner import build_plan, layout_matters
 from .recipes import Recipe, load_recipe
 from .tracing import as_input_tuple, default_example_inputs, discover, qualname
 from .types import Conversion, Facts, Plan, Report
@@ -54,7 +54,10 @@ def plan(
     """
     chosen = load_recipe(recipe)
     fact_values = Facts.from_kwargs(facts)
-    return build_plan(qualname(model), discover(model, example_inputs, shapes), chosen, fact_values)
+    the_plan = build_plan(qualname(model), discover(model, example_inputs, shapes), chosen, fact_values)
+    if shapes == "auto" and layout_matters(the_plan, chosen, fact_values):
+        the_plan = build_plan(qualname(model), discover(model, example_inputs, "always"), chosen, fact_values)
+    return the_plan
 
 
 def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> nn.Module:

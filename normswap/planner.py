@@ -5,6 +5,7 @@ Pure: nothing here changes a model. ``normswap inspect`` stops after this step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from .errors import PlanError
 from .recipes import ERROR, KEEP, Recipe, Rule
 from .targets import NotApplicable, get_target
 from .tracing import Discovery
-from .types import Facts, Plan, PlanEntry, Site
+from .types import BATCHNORM1D_LAYOUTS, Facts, Plan, PlanEntry, Site
 
 
 def build_plan(model_cls: str, discovery: Discovery, recipe: Recipe, facts: Facts) -> Plan:
@@ -37,6 +38,29 @@ def build_plan(model_cls: str, discovery: Discovery, recipe: Recipe, facts: Fact
     )
     check_ensured(plan, recipe)
     return plan
+
+
+def layout_matters(plan: Plan, recipe: Recipe, facts: Facts) -> bool:
+    """Whether any site whose layout was guessed, not seen, would be planned differently under another
+    layout it may have: then the model must run to see it. Targets build layout-agnostic layers for a
+    guessed layout (ChannelLayerNorm normalizes dim 1 of N×C and N×C×L alike), so equal decisions
+    mean equal models."""
+    for entry in plan.entries:
+        site = entry.site
+        if not site.layout_inferred:
+            continue
+        if site.layout not in BATCHNORM1D_LAYOUTS:  # no known alternatives: look
+            return True
+        for layout in BATCHNORM1D_LAYOUTS:
+            if layout == site.layout:
+                continue
+            try:
+                other = plan_site(dataclasses.replace(site, layout=layout), recipe, facts)
+            except PlanError:
+                return True
+            if (other.action, other.target, other.options) != (entry.action, entry.target, entry.options):
+                return True
+    return False
 
 
 def plan_site(site: Site, recipe: Recipe, facts: Facts) -> PlanEntry:

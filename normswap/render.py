@@ -6,7 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .types import DriftReport, OutputDrift, Plan, Report
+from .types import BATCHNORM1D_LAYOUTS, DriftReport, OutputDrift, Plan, Report, Site
 
 
 def plan_table(plan: Plan, max_rows: int | None = None, wide: bool = True) -> Table:
@@ -35,7 +35,7 @@ def plan_table(plan: Plan, max_rows: int | None = None, wide: bool = True) -> Ta
         if e.action == "convert":
             action += f" [{e.options.get('transfer', '')}]"
         if wide:
-            where = f"{shape} ({s.layout}{'?' if s.layout_inferred else ''}, {s.learned_by})"
+            where = f"{shape} ({_layout_text(s)}, {s.learned_by})"
             table.add_row(s.path, s.short_cls, where, action, e.rule or "-", e.reason)
         else:
             table.add_row(s.path, s.short_cls, shape, action)
@@ -199,3 +199,10 @@ class _Null:
 
     def flush(self) -> None:
         pass
+
+
+def _layout_text(site: Site) -> str:
+    if not site.layout_inferred:
+        return site.layout
+    # A BatchNorm1d not run because the recipe treats both of its layouts alike (planner.layout_matters).
+    return "features|sequence?" if site.layout in BATCHNORM1D_LAYOUTS else f"{site.layout}?"

@@ -217,8 +217,9 @@ class LayerNormTarget(_GroupStatNorm):
             from timm.layers import LayerNormAct2d
 
             return LayerNormAct2d(c, eps=state.eps, affine=affine, apply_act=False)
-        if site.layout == "features":
+        if site.layout == "features" and not site.layout_inferred:
             return nn.LayerNorm(c, eps=state.eps, elementwise_affine=affine)
+        # Over dim 1 whatever the rank, so also right for a BatchNorm1d whose layout was only guessed.
         return ChannelLayerNorm(c, eps=state.eps, affine=affine)
 
 

@@ -351,10 +351,12 @@ def discover(model: nn.Module, example_inputs: Any = None, shapes: str = "auto")
     """Find every BatchNorm site in ``model`` and learn its context. The model is left as it was.
 
     The fx trace tells structure; a forward pass tells shapes. With ``shapes="auto"`` the model runs
-    only when the trace cannot decide a site's layout (BatchNorm1d and other any-rank norms,
-    functional calls, sites hidden inside leaf modules, models that do not trace), since a
-    BatchNorm2d/3d input is image/volume by construction. Sites then carry no input shape, and
-    conversion costs a trace instead of a forward. ``shapes="always"`` runs the forward regardless.
+    only when the trace cannot bound a site's layout (any-rank norms such as SyncBatchNorm, functional
+    calls, models that do not trace): a BatchNorm2d/3d input is image/volume by construction, also
+    inside a leaf module, and a BatchNorm1d's is features or sequence, left as a guess (``features``,
+    ``layout_inferred``) for the planner, which asks for the forward when the recipe would treat the
+    two differently (``normswap.plan``). Sites then carry no input shape, and conversion costs a trace
+    instead of a forward. ``shapes="always"`` runs the forward regardless.
     """
     if shapes not in SHAPE_MODES:
         raise unknown_name("shapes mode", shapes, SHAPE_MODES, "shapes=")
@@ -400,11 +402,13 @@ def _fixed_layout(m: nn.Module) -> str | None:
 def _needs_forward(
     graph: fx.Graph | None, bn_modules: list[tuple[str, nn.Module]], node_index: dict[str, list[fx.Node]]
 ) -> bool:
-    """Whether a plan decision depends on running the model. A BatchNorm2d/3d inside a leaf module is
-    not in the graph, but its class fixes its layout; the forward would only add its call count."""
+    """Whether discovery must run the model. A BatchNorm2d/3d inside a leaf module is not in the graph,
+    but its class fixes its layout; the forward would only add its call count. A BatchNorm1d takes
+    (N, C) and (N, C, L): its layout is guessed ("features", marked inferred) and the planner asks for
+    the forward only if the recipe would treat the two differently (see ``planner.layout_matters``)."""
     if graph is None or any(is_functional_batch_norm(n) for n in graph.nodes):
         return True
-    return any(_fixed_layout(m) is None for _, m in bn_modules)
+    return any(_fixed_layout(m) is None and not isinstance(m, nn.BatchNorm1d) for _, m in bn_modules)
 
 
 def _from_graph(bn_modules: list[tuple[str, nn.Module]], node_index: dict[str, list[fx.Node]]) -> Observation:
@@ -659,7 +663,7 @@ def _learned_by(in_graph: bool, calls: int, ran: bool) -> str:
         return "fx"
     if calls:
         return "eager"
-    # Only a module whose class fixes its layout is left unobserved (see _needs_forward).
+    # Only a module whose class fixes or bounds its layout is left unobserved (see _needs_forward).
     return "none" if ran else "class"
 
 

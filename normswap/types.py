@@ -19,6 +19,8 @@ PLAN_SCHEMA_VERSION = 1
 Layout = Literal["features", "sequence", "image", "volume", "unknown"]
 LAYOUTS: tuple[str, ...] = ("features", "sequence", "image", "volume", "unknown")
 LAYOUT_BY_NDIM = {2: "features", 3: "sequence", 4: "image", 5: "volume"}
+# The layouts a BatchNorm1d accepts: (N, C) and (N, C, L).
+BATCHNORM1D_LAYOUTS = ("features", "sequence")
 
 PURPOSES = ("train", "finetune", "inference")
 TASKS = ("classification", "detection", "segmentation", "style-transfer", "gan", "video", "other")

@@ -66,7 +66,10 @@ def test_sequence_batchnorm1d_becomes_layernorm_at_each_step():
     x = torch.randn(3, 4, 20)
     conversion = normswap.convert(model, "sequence", x[:1])
     entry = conversion.plan.entries[0]
-    assert entry.site.layout == "sequence" and entry.target == "layernorm"
+    # Features or sequence, the recipe makes it a LayerNorm over C: the layout is left a guess, unrun.
+    assert entry.site.layout_inferred and entry.site.input_shape is None and entry.target == "layernorm"
+    seen = normswap.plan(model, "sequence", x[:1], shapes="always").entries[0]
+    assert seen.site.layout == "sequence" and not seen.site.layout_inferred and seen.target == "layernorm"
     converted = conversion.model.train()
     # Nothing shared across time: changing the future leaves earlier steps' norm output unchanged.
     bn = converted.bn
@@ -281,10 +284,18 @@ def test_the_model_runs_only_when_a_layout_depends_on_it():
     always = normswap.plan(image, "small-batch", x, shapes="always")
     assert calls == [1] and always.entries[0].site.input_shape == (1, 8, 6, 6)
     assert [e.target for e in plan.entries] == [e.target for e in always.entries]
-    # BatchNorm1d takes (N, C) and (N, C, L): sequence recipes must see which, so it runs.
+    # BatchNorm1d takes (N, C) and (N, C, L). Where the recipe treats both alike (LayerNorm over C either
+    # way) the layout stays a guess; where it does not (InstanceNorm needs steps), the model runs.
     sequence = nn.Sequential(nn.Conv1d(4, 8, 3), nn.BatchNorm1d(8)).eval()
     calls = _count_real_calls(sequence)
-    site = normswap.plan(sequence, "sequence", torch.randn(1, 4, 16)).entries[0].site
-    assert calls == [1] and site.layout == "sequence" and site.input_shape == (1, 8, 14)
+    alike = normswap.plan(sequence, "sequence", torch.randn(1, 4, 16)).entries[0]
+    assert calls == [0] and alike.site.layout_inferred and alike.target == "layernorm"
+    differ = normswap.plan(sequence, "style-transfer", torch.randn(1, 4, 16)).entries[0]
+    assert calls == [1] and differ.site.layout == "sequence" and differ.site.input_shape == (1, 8, 14)
+    assert differ.target == "instancenorm"
+    features = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+    calls = _count_real_calls(features)
+    seen = normswap.plan(features, "style-transfer", torch.randn(1, 4)).entries[0]
+    assert calls == [1] and seen.site.layout == "features" and seen.target == "layernorm"
     with pytest.raises(normswap.UnknownNameError, match="always"):
         normswap.plan(image, "small-batch", x, shapes="never")

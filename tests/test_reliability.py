@@ -79,8 +79,10 @@ def test_batch_norm_without_running_stats_runs_on_a_single_example():
     # Batch statistics in eval mode: one sample per channel cannot be normalized, so discovery
     # repeats the example to two samples instead of failing.
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False)).eval()
-    plan = normswap.plan(model, "small-batch", torch.randn(1, 4))
+    plan = normswap.plan(model, "small-batch", torch.randn(1, 4), shapes="always")
     assert plan.entries[0].site.input_shape == (2, 6)
+    # A recipe that needs the layout runs the model the same way.
+    assert normswap.plan(model, "style-transfer", torch.randn(1, 4)).entries[0].site.input_shape == (2, 6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
