@@ -76,6 +76,10 @@ class _Proxy(fx.Proxy):
         return self.tracer.iter(self)
 
 
+_PLAIN_ARGUMENTS = frozenset((int, float, bool, str, complex, type(None), type(...), torch.dtype, torch.device,
+                              torch.memory_format, torch.layout))
+
+
 class NormswapTracer(fx.Tracer):
     """fx tracer that keeps every BatchNorm (and timm's registered no-trace modules) as a leaf, and
     wraps timm's no-trace functions, so ``BatchNormAct2d`` stays one call_module node instead of
@@ -108,6 +112,18 @@ class NormswapTracer(fx.Tracer):
             return forward(*args, **kwargs)
         finally:
             self._owners.pop()
+
+    def create_arg(self, a: Any) -> Any:
+        # fx's own fast path keys on the exact class fx.Proxy, which our proxies are not, so every
+        # argument went through its chain of isinstance checks; the common cases, answered the same way:
+        kind = type(a)
+        if kind is _Proxy:
+            return a.node
+        if kind in _PLAIN_ARGUMENTS:
+            return a
+        if kind is tuple:
+            return tuple(self.create_arg(x) for x in a)
+        return super().create_arg(a)
 
     def create_node(
         self,
