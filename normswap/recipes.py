@@ -100,7 +100,10 @@ class Match:
     def _layout(self, site: Site, facts: Facts) -> str | None:
         if not self.layouts:
             return ""
-        return f"layout={site.layout}" if site.layout in self.layouts else None
+        if site.layout not in self.layouts:
+            return None
+        # A guessed layout is one the model was not run to see (the planner checked it does not matter).
+        return f"layout={site.layout}" + (" (guessed, not run)" if site.layout_inferred else "")
 
     def _kind(self, site: Site, facts: Facts) -> str | None:
         if not self.kinds:
