@@ -54,9 +54,11 @@ def plan(
     """
     chosen = load_recipe(recipe)
     fact_values = Facts.from_kwargs(facts)
-    the_plan = build_plan(qualname(model), discover(model, example_inputs, shapes), chosen, fact_values)
+    discovery = discover(model, example_inputs, shapes)
+    the_plan = build_plan(qualname(model), discovery, chosen, fact_values)
     if shapes == "auto" and layout_matters(the_plan, chosen, fact_values):
-        the_plan = build_plan(qualname(model), discover(model, example_inputs, "always"), chosen, fact_values)
+        seen = discover(model, example_inputs, "always", traced=discovery)
+        the_plan = build_plan(qualname(model), seen, chosen, fact_values)
     return the_plan
 
 

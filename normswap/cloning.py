@@ -125,11 +125,10 @@ def _tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
 
 
 def _value(value: Any, memo: dict[int, Any]) -> Any:
+    """An attribute that is neither immutable nor an empty container (``_clone`` answers those inline)."""
     kind = type(value)
-    if kind in _IMMUTABLE or (kind is tuple and all(type(v) in _IMMUTABLE for v in value)):
+    if kind is tuple and all(type(v) in _IMMUTABLE for v in value):
         return value
-    if kind in _CONTAINERS and not value:
-        return kind()
     if kind is set and all(type(v) is str for v in value):  # _non_persistent_buffers_set
         return set(value)
     return copy.deepcopy(value, memo)

@@ -90,6 +90,7 @@ class NormswapTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
         self._leaf_types = tuple(leaves)
         self._owners: list[str] = []  # paths of the modules being traced through, innermost last
+        self._names_by_id: tuple[nn.Module, dict[int, str]] | None = None  # (root, parameter names)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -153,11 +154,9 @@ class NormswapTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def _parameter_names(self) -> dict[int, str]:
-        names = self.__dict__.get("_names_by_id")
-        if names is None or names[0] is not self.root:
-            names = (self.root, {id(p): n for n, p in self.root.named_parameters()})
-            self.__dict__["_names_by_id"] = names
-        return names[1]
+        if self._names_by_id is None or self._names_by_id[0] is not self.root:
+            self._names_by_id = (self.root, {id(p): n for n, p in self.root.named_parameters()})
+        return self._names_by_id[1]
 
 
 @contextmanager
@@ -169,10 +168,11 @@ def model_state_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[None
     dicts, after which ``torch.save(model)`` fails; an eval forward fills the same caches with real
     tensors. Both are undone here.
     """
-    snapshots = [_snapshot(m) for m in model.modules()]
+    modules = list(model.modules())
+    snapshots = [_snapshot(m) for m in modules]
     try:
         if eval_mode:
-            _set_eval(model)
+            _set_eval(modules)
         yield
     finally:
         for snapshot in snapshots:
@@ -206,10 +206,10 @@ def _restore(m: nn.Module, attrs: dict[str, Any], dicts: dict[str, dict[Any, Any
             now.update(content)
 
 
-def _set_eval(model: nn.Module) -> None:
+def _set_eval(modules: list[nn.Module]) -> None:
     """``model.eval()``, with the flag written directly where a module keeps nn.Module's ``train``
     (``train`` sets it through ``__setattr__``, a tenth of a small network's discovery time)."""
-    for m in model.modules():
+    for m in modules:
         if type(m).train is nn.Module.train:
             m.__dict__["training"] = False
         else:
@@ -363,7 +363,9 @@ class ModuleIndex:
 SHAPE_MODES = ("auto", "always")
 
 
-def discover(model: nn.Module, example_inputs: Any = None, shapes: str = "auto") -> Discovery:
+def discover(
+    model: nn.Module, example_inputs: Any = None, shapes: str = "auto", *, traced: Discovery | None = None
+) -> Discovery:
     """Find every BatchNorm site in ``model`` and learn its context. The model is left as it was.
 
     The fx trace tells structure; a forward pass tells shapes. With ``shapes="auto"`` the model runs
@@ -372,7 +374,8 @@ def discover(model: nn.Module, example_inputs: Any = None, shapes: str = "auto")
     inside a leaf module, and a BatchNorm1d's is features or sequence, left as a guess (``features``,
     ``layout_inferred``) for the planner, which asks for the forward when the recipe would treat the
     two differently (``normswap.plan``). Sites then carry no input shape, and conversion costs a trace
-    instead of a forward. ``shapes="always"`` runs the forward regardless.
+    instead of a forward. ``shapes="always"`` runs the forward regardless. ``traced``, an earlier
+    discovery of the same model, lends its trace, so asking again for shapes costs only the forward.
     """
     if shapes not in SHAPE_MODES:
         raise unknown_name("shapes mode", shapes, SHAPE_MODES, "shapes=")
@@ -381,11 +384,7 @@ def discover(model: nn.Module, example_inputs: Any = None, shapes: str = "auto")
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     bn_modules = [(p, m) for p, m in index.unique if isinstance(m, _BatchNorm)]
     with model_state_guard(model):
-        graph, trace_error = None, None
-        try:
-            graph = trace_graph(model)
-        except Exception as exc:  # any tracing failure means: fall back to eager hooks
-            trace_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        graph, trace_error = _trace(model) if traced is None else (traced.graph, traced.trace_error)
         node_index = _module_nodes(graph)
         ran = shapes == "always" or _needs_forward(graph, bn_modules, node_index)
         if ran:
@@ -404,6 +403,13 @@ def discover(model: nn.Module, example_inputs: Any = None, shapes: str = "auto")
     others = [OtherNorm(p, qualname(m)) for p, m in index.unique if _is_other_norm(m)]
     shapes_seen = tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor))
     return Discovery(sites, others, graph, trace_error, shapes_seen)
+
+
+def _trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
+    try:
+        return trace_graph(model), None
+    except Exception as exc:  # any tracing failure means: fall back to eager hooks
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 # Classes whose input rank is fixed, so the layout needs no forward pass (BatchNorm1d takes (N, C)
