@@ -560,9 +560,22 @@ def original_chaotic(r: dict[str, Any]) -> bool:
     return r.get("f32_noise") is not None and r["f32_noise"] > CHAOTIC
 
 
+def within_own_rounding(r: dict[str, Any]) -> bool:
+    """The float64 fold could not run (memory), and folding moved the float32 output no further than the
+    original's own float32 rounding moves it from its float64 output."""
+    return bool(r.get("fold_f64_skipped")) and r.get("f32_noise") is not None and r.get("rel_l2") is not None \
+        and r["rel_l2"] <= r["f32_noise"]
+
+
 def fold_exact_per_site_only(r: dict[str, Any]) -> bool:
-    """Neither end-to-end check holds, but every site folds exactly and the original itself is chaotic."""
-    return not fold_exact(r) and not fold_exact_in_f64_only(r) and fold_locally_exact(r) and original_chaotic(r)
+    """Neither end-to-end check holds, but every site folds exactly, and end to end the original itself
+    is chaotic or (without the float64 check) the fold's difference is within its own rounding."""
+    return (
+        not fold_exact(r)
+        and not fold_exact_in_f64_only(r)
+        and fold_locally_exact(r)
+        and (original_chaotic(r) or within_own_rounding(r))
+    )
 
 
 def fold_verified(r: dict[str, Any]) -> bool:
@@ -1078,7 +1091,8 @@ def fold_totals(named: Sequence[tuple[str, dict[str, Any]]], applicable: Sequenc
         )
         parts.append(
             f"exact per site (original chaotic): {len(per_site)} — end to end the outputs differ even in float64, "
-            f"because the original's own float32 output is more than {CHAOTIC:g} from its float64 one; every "
+            f"because the original's own float32 output is more than {CHAOTIC:g} from its float64 one (or, where "
+            f"memory did not allow the float64 fold, the fold moved the output less than that gap); every "
             f"folded conv matches conv → BatchNorm within {FOLD_EXACT:g} on the input the original feeds it "
             f"({details})"
         )
