@@ -7,6 +7,7 @@ calls are not modules: only they force a graph rewrite, and then the result is a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -33,7 +34,7 @@ class Applied:
 
 def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
     """Apply ``plan`` to ``model`` (a copy unless ``inplace``); weights are transferred as planned."""
-    target_model = model if inplace else clone_model(model)
+    target_model = model if inplace else clone_model(model, borrow=_replaced(model, plan))
     index = ModuleIndex.of(target_model)
     modules = index.by_path
     _check_fits(target_model, plan, modules)
@@ -41,6 +42,8 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
     staged = _stage(target_model, plan, graph, modules)
     for path, module in staged.modules.items():
         _swap_module(target_model, path, module, index.aliases, modules)
+    if not inplace:
+        _empty_replaced(plan, modules)
     warnings = []
     if graph is not None:
         target_model = _rewrite_functional(target_model, graph, staged.functional)
@@ -56,6 +59,29 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
         )
     left = check_result(target_model, plan)
     return Applied(target_model, staged.records, warnings, left)
+
+
+def _replaced(model: nn.Module, plan: Plan) -> list[nn.Module]:
+    """The BatchNorm modules the plan replaces: their tensors are read, never kept, so the copy may
+    borrow them from ``model`` (see ``clone_model``)."""
+    found = []
+    for e in plan.conversions:
+        # A plan for another architecture may name missing modules: _check_fits reports them all.
+        with contextlib.suppress(AttributeError):
+            if e.site.kind == "module":
+                found.append(model.get_submodule(e.site.path))
+    return [m for m in found if isinstance(m, _BatchNorm)]
+
+
+def _empty_replaced(plan: Plan, modules: dict[str, nn.Module]) -> None:
+    """The copy's replaced BatchNorm modules held tensors borrowed from the user's model. They are out of
+    the converted model now; emptied, a stray reference to one (a plain list of modules) fails loudly
+    instead of sharing the user's tensors."""
+    for e in plan.conversions:
+        old = modules.get(e.site.path) if e.site.kind == "module" else None
+        if isinstance(old, _BatchNorm):
+            old._parameters.clear()
+            old._buffers.clear()
 
 
 @dataclass

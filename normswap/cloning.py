@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any, TypeVar
 
 import torch
@@ -30,30 +31,46 @@ _PLAIN: dict[type, bool] = {}
 _CONTAINERS = frozenset((dict, OrderedDict, set, list))
 
 
-def clone_model(model: M) -> M:
-    """What ``copy.deepcopy(model)`` gives: no tensor, module or container shared with ``model``."""
+def clone_model(model: M, borrow: Collection[nn.Module] = ()) -> M:
+    """What ``copy.deepcopy(model)`` gives: no tensor, module or container shared with ``model``.
+
+    ``borrow``: modules about to be replaced in the copy, whose own parameters and buffers the copy
+    may share with ``model`` instead of copying them (a tensor also held by any other module is still
+    copied). The caller must replace every such module in the copy and empty the replaced copies
+    (``apply_plan`` does). In a small network BatchNorm holds most of the tensors, all thrown away.
+    """
     # deepcopy keeps what it copied alive under memo[id(memo)], so no id is reused during the copy.
     memo: dict[int, Any] = {}
     memo[id(memo)] = []
-    _clone_tensors(model, memo)
-    return _clone(model, memo)
+    lent = _clone_tensors(model, memo, {id(m) for m in borrow})
+    return _clone(model, memo, lent)
 
 
-def _clone_tensors(model: nn.Module, memo: dict[int, Any]) -> None:
+def _clone_tensors(model: nn.Module, memo: dict[int, Any], lent: set[int]) -> frozenset[int]:
     """Parameters and buffers that own their storage alone are cloned directly into the memo, the
     way ``deepcopy`` would copy them, at a tenth of its cost; tensors sharing a storage (views,
-    tied storages) and anything unusual are left to ``deepcopy``, which keeps the sharing."""
-    owned = (t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()))
-    tensors = {id(t): t for t in owned if t is not None}
+    tied storages) and anything unusual are left to ``deepcopy``, which keeps the sharing. Returns
+    the ids of the tensors held only by modules in ``lent``: those stay out of the memo and are shared
+    only where those modules hold them (a plain attribute pointing at one still gets a copy)."""
+    tensors: dict[int, torch.Tensor] = {}
+    only_lent: dict[int, bool] = {}
+    for m in model.modules():
+        in_lent = id(m) in lent
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                key = id(t)
+                tensors[key] = t
+                only_lent[key] = only_lent.get(key, True) and in_lent
     storages: dict[int, int] = {}
     for t in tensors.values():
         if t.layout == torch.strided and not t.is_meta:
             key = t.untyped_storage().data_ptr()
             storages[key] = storages.get(key, 0) + 1
     for key, t in tensors.items():
-        if _plain_tensor(t) and storages.get(t.untyped_storage().data_ptr()) == 1:
+        if not only_lent[key] and _plain_tensor(t) and storages.get(t.untyped_storage().data_ptr()) == 1:
             memo[key] = _clone_tensor(t)
             memo[id(memo)].append(t)
+    return frozenset(key for key, only in only_lent.items() if only)
 
 
 def _plain_tensor(t: torch.Tensor) -> bool:
@@ -92,7 +109,7 @@ def _module_default(cls: type, hook: str) -> bool:
     return own is getattr(nn.Module, hook, None) or (hook == "__setstate__" and own in _DEFAULTS_ONLY_SETSTATE)
 
 
-def _clone(module: Any, memo: dict[int, Any]) -> Any:
+def _clone(module: Any, memo: dict[int, Any], lent: frozenset[int] = frozenset()) -> Any:
     done = memo.get(id(module))
     if done is not None:
         return done
@@ -110,16 +127,18 @@ def _clone(module: Any, memo: dict[int, Any]) -> Any:
         elif kind in _CONTAINERS and not value:
             state[key] = kind()
         elif key == "_modules":
-            state[key] = type(value)((n, None if c is None else _clone(c, memo)) for n, c in value.items())
+            state[key] = type(value)((n, None if c is None else _clone(c, memo, lent)) for n, c in value.items())
         elif key in ("_parameters", "_buffers"):
-            state[key] = type(value)((n, None if t is None else _tensor(t, memo)) for n, t in value.items())
+            state[key] = type(value)((n, None if t is None else _tensor(t, memo, lent)) for n, t in value.items())
         else:
             state[key] = _value(value, memo)
     new.__dict__.update(state)
     return new
 
 
-def _tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+def _tensor(t: torch.Tensor, memo: dict[int, Any], lent: frozenset[int]) -> torch.Tensor:
+    if id(t) in lent:
+        return t
     done = memo.get(id(t))
     return done if done is not None else copy.deepcopy(t, memo)
 

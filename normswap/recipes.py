@@ -375,7 +375,28 @@ def load_recipe(spec: str | Path | Recipe | Mapping[str, Any]) -> Recipe:
     return _load_file(candidate)
 
 
+# Parsed recipe files by (path, modification time, size): a recipe is frozen, so one parse serves every
+# conversion until the file changes (parsing and checking a built-in costs about a tenth of converting
+# a small network).
+_PARSED: dict[tuple[str, int, int], Recipe] = {}
+
+
 def _load_file(path: Path) -> Recipe:
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot be read: {exc}.") from exc
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    cached = _PARSED.get(key)
+    if cached is None:
+        cached = _parse_file(path)
+        if len(_PARSED) >= 64:
+            _PARSED.clear()
+        _PARSED[key] = cached
+    return cached
+
+
+def _parse_file(path: Path) -> Recipe:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

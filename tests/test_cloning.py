@@ -91,3 +91,25 @@ def test_clone_of_a_graph_module_is_a_graph_module():
     x = torch.randn(1, 3, 4, 4)
     assert torch.equal(gm(x), copied(x))
     assert_independent_copy(gm, copied)
+
+
+class Lending(nn.Module):
+    """A BatchNorm whose weight another module also holds, and a plain list holding its bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.other = nn.BatchNorm2d(4)
+        self.other.weight = self.bn.weight
+        self.refs = [self.bn.bias]  # a plain list: not registered anywhere
+
+
+def test_borrowed_tensors_are_only_those_no_one_else_holds():
+    model = Lending()
+    copied = clone_model(model, borrow=[model.bn])
+    assert copied.bn.bias is model.bn.bias and copied.bn.running_mean is model.bn.running_mean, "lent"
+    assert copied.bn.weight is not model.bn.weight, "also held by another module: copied"
+    assert copied.bn.weight is copied.other.weight, "and still tied in the copy"
+    assert copied.refs[0] is not model.bn.bias and torch.equal(copied.refs[0], model.bn.bias), "plain list: copied"
+    assert copied.conv.weight is not model.conv.weight

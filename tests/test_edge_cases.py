@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -299,3 +300,24 @@ def test_the_model_runs_only_when_a_layout_depends_on_it():
     assert calls == [1] and seen.site.layout == "features" and seen.target == "layernorm"
     with pytest.raises(normswap.UnknownNameError, match="always"):
         normswap.plan(image, "small-batch", x, shapes="never")
+
+
+AFFINE_COPY = {"rules": [{"name": "gn-affine", "target": "groupnorm", "options": {"transfer": "affine"}}]}
+
+
+@pytest.mark.parametrize("recipe", ["small-batch", "freeze", "fold", "layernorm-chw", AFFINE_COPY])
+def test_converted_model_shares_no_tensor_with_the_original(recipe):
+    """The copy borrows the replaced BatchNorms' tensors while it is built (they are read, never kept):
+    none may end up in the converted model, and training it must leave the original alone."""
+    model = timm.create_model("test_efficientnet", pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    converted = normswap.convert(model, recipe, x, validate=False, batch_size=2).model
+    storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    assert not [n for n, t in (*converted.named_parameters(), *converted.named_buffers())
+                if t.untyped_storage().data_ptr() in storages]
+    before = model_fingerprint(model)
+    with torch.no_grad():
+        for t in (*converted.parameters(), *converted.buffers()):
+            if t.is_floating_point():
+                t.add_(1.0)
+    assert model_fingerprint(model) == before
