@@ -2,6 +2,9 @@
 
     python benchmarks/zoo.py --fast                       # one model per timm module (its smallest BN model)
     python benchmarks/zoo.py --full                       # every timm model that contains BatchNorm
+    python benchmarks/zoo.py --full --max-size 64 --timing-size check --rounds 1 --jobs 2 --write
+                                                          # all 743 on 2 cores in ~50 min (models that fix their
+                                                          # resolution built for 64 px; speed from --fast)
     python benchmarks/zoo.py --models resnet18,levit_128s # just these
     python benchmarks/zoo.py --fast --max-size 64 --write # run (resuming), then render into BENCHMARKS.md
     python benchmarks/zoo.py --fast --write --no-run      # render what is recorded
