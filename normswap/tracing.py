@@ -91,7 +91,8 @@ class NormswapTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(f for f in functions if callable(f)))
         self._leaf_types = tuple(leaves)
         self._owners: list[str] = []  # paths of the modules being traced through, innermost last
-        self._names_by_id: tuple[nn.Module, dict[int, str]] | None = None  # (root, parameter names)
+        self._names_root: nn.Module | None = None  # the root the name tables below were built for
+        self._names_by_id: dict[str, dict[int, str]] = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -148,20 +149,30 @@ class NormswapTracer(fx.Tracer):
         return node
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        # fx finds a parameter's name by scanning all the model's parameters at every access; a table
-        # built once turns that quadratic walk into a lookup.
-        if isinstance(attr_val, nn.Parameter) and not self.param_shapes_constant:
-            name = self._parameter_names().get(id(attr_val))
-            if name is not None:
-                if name not in parameter_proxy_cache:
-                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
-                return parameter_proxy_cache[name]
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        # fx finds a tensor attribute's name by scanning all the model's parameters, then all its buffers,
+        # at every access (every tensor attribute a traced forward reads that is not a parameter costs a
+        # walk over the whole model); tables built once turn those walks into lookups. Same answers:
+        # a parameter by its first name, else a buffer by its first name, else the value itself.
+        if self.param_shapes_constant or not isinstance(attr_val, torch.Tensor):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = self._names("parameters").get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = self._names("buffers").get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
-    def _parameter_names(self) -> dict[int, str]:
-        if self._names_by_id is None or self._names_by_id[0] is not self.root:
-            self._names_by_id = (self.root, {id(p): n for n, p in self.root.named_parameters()})
-        return self._names_by_id[1]
+    def _names(self, kind: str) -> dict[int, str]:
+        """Tensor id -> first name, of the root's parameters or buffers, built at the first lookup."""
+        if self._names_root is not self.root:
+            self._names_root, self._names_by_id = self.root, {}
+        table = self._names_by_id.get(kind)
+        if table is None:
+            tensors = self.root.named_parameters() if kind == "parameters" else self.root.named_buffers()
+            table = self._names_by_id[kind] = {id(t): n for n, t in tensors}
+        return table
 
 
 def _lean_nodes_supported() -> bool:
