@@ -198,16 +198,13 @@ def build_model(name: str, seed: int = 0, **kwargs: Any) -> nn.Module:
     return randomize_batchnorm(timm.create_model(name, pretrained=False, **kwargs), seed).eval()
 
 
-def rebuild_small(
-    name: str, model: nn.Module, size: int, device: torch.device
-) -> tuple[nn.Module, dict[str, Any]] | None:
+def rebuild_small(name: str, model: nn.Module, size: int, device: torch.device) -> nn.Module | None:
     """The model built for ``size`` px (timm's ``img_size``), for models that fix their resolution
     (position tables, attention biases) and so refuse a smaller input: the same modules, the same
     BatchNorms, a fraction of the compute. None where timm will not build it or it differs in its
     BatchNorms or fails at that size."""
-    kwargs = {"img_size": size}
     try:
-        small = build_model(name, **kwargs).to(device)
+        small = build_model(name, img_size=size).to(device)
     except Exception:
         return None
     if count_batchnorm(small) != count_batchnorm(model):
@@ -218,7 +215,7 @@ def rebuild_small(
             eval_output(small, example((c, size, size), BATCH, device=device))
     except Exception:
         return None
-    return small, kwargs
+    return small
 
 
 def example(size: Sequence[int], batch: int, seed: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -323,10 +320,6 @@ def _status_kib(field_name: str, source: str = "/proc/self/status") -> int | Non
         return None
     match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
     return int(match.group(1)) if match else None
-
-
-def _meminfo_kib(field_name: str) -> int | None:
-    return _status_kib(field_name, "/proc/meminfo")
 
 
 def _reset_peak_rss() -> bool:
@@ -485,7 +478,7 @@ def fold_in_float64(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 def memory_available() -> int | None:
     """Linux MemAvailable in bytes (None elsewhere)."""
-    kib = _meminfo_kib("MemAvailable")
+    kib = _status_kib("MemAvailable", "/proc/meminfo")
     return kib * 1024 if kib is not None else None
 
 
@@ -566,8 +559,8 @@ def original_chaotic(r: dict[str, Any]) -> bool:
 def within_own_rounding(r: dict[str, Any]) -> bool:
     """The float64 fold could not run (memory), and folding moved the float32 output no further than the
     original's own float32 rounding moves it from its float64 output."""
-    return bool(r.get("fold_f64_skipped")) and r.get("f32_noise") is not None and r.get("rel_l2") is not None \
-        and r["rel_l2"] <= r["f32_noise"]
+    noise, error = r.get("f32_noise"), r.get("rel_l2")
+    return bool(r.get("fold_f64_skipped")) and noise is not None and error is not None and error <= noise
 
 
 def fold_exact_per_site_only(r: dict[str, Any]) -> bool:
@@ -735,7 +728,7 @@ def run_model(name: str, family: str, opts: Options) -> dict[str, Any]:
         # well be built for the small one (the full sweep's 112 such models took 70 of its 162 minutes).
         rebuilt = rebuild_small(name, model, opts.max_size, device)
         if rebuilt is not None:
-            model, build_kwargs = rebuilt
+            model, build_kwargs = rebuilt, {"img_size": opts.max_size}
             check_size, rec["built_with"] = (default[0], opts.max_size, opts.max_size), build_kwargs
     timing_size = default if opts.timing_size == "default" else check_size
     rec.update(default_input=list(default), check_input=list(check_size), timing_input=list(timing_size))

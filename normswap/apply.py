@@ -7,7 +7,7 @@ calls are not modules: only they force a graph rewrite, and then the result is a
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -61,27 +61,30 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
     return Applied(target_model, staged.records, warnings, left)
 
 
-def _replaced(model: nn.Module, plan: Plan) -> list[nn.Module]:
+def _replaced(model: nn.Module, plan: Plan) -> list[_BatchNorm]:
     """The BatchNorm modules the plan replaces: their tensors are read, never kept, so the copy may
     borrow them from ``model`` (see ``clone_model``)."""
-    found = []
-    for e in plan.conversions:
-        # A plan for another architecture may name missing modules: _check_fits reports them all.
-        with contextlib.suppress(AttributeError):
-            if e.site.kind == "module":
-                found.append(model.get_submodule(e.site.path))
-    return [m for m in found if isinstance(m, _BatchNorm)]
+    def lookup(path: str) -> nn.Module | None:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:  # a plan for another architecture: _check_fits names every mismatch
+            return None
+
+    return _converted_batchnorms(plan, lookup)
 
 
 def _empty_replaced(plan: Plan, modules: dict[str, nn.Module]) -> None:
     """The copy's replaced BatchNorm modules held tensors borrowed from the user's model. They are out of
     the converted model now; emptied, a stray reference to one (a plain list of modules) fails loudly
     instead of sharing the user's tensors."""
-    for e in plan.conversions:
-        old = modules.get(e.site.path) if e.site.kind == "module" else None
-        if isinstance(old, _BatchNorm):
-            old._parameters.clear()
-            old._buffers.clear()
+    for old in _converted_batchnorms(plan, modules.get):
+        old._parameters.clear()
+        old._buffers.clear()
+
+
+def _converted_batchnorms(plan: Plan, lookup: Callable[[str], nn.Module | None]) -> list[_BatchNorm]:
+    found = (lookup(e.site.path) for e in plan.conversions if e.site.kind == "module")
+    return [m for m in found if isinstance(m, _BatchNorm)]
 
 
 @dataclass
