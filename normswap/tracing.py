@@ -76,6 +76,15 @@ class _Proxy(fx.Proxy):
             return (self[i] for i in range(found[index].argval))
         return self.tracer.iter(self)
 
+    def __getattr__(self, k: str) -> fx.Proxy:
+        # fx's own returns its Attribute, whose unpacking (``B, C, H, W = x.shape``, the common case)
+        # went back to the slow path; same lazy node, same method-call peephole.
+        return _Attribute(self, k)
+
+
+class _Attribute(fx.proxy.Attribute, _Proxy):
+    """fx's Attribute with :class:`_Proxy`'s unpacking."""
+
 
 _PLAIN_ARGUMENTS = frozenset((int, float, bool, str, complex, type(None), type(...), torch.dtype, torch.device,
                               torch.memory_format, torch.layout))

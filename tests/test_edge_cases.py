@@ -321,3 +321,30 @@ def test_converted_model_shares_no_tensor_with_the_original(recipe):
             if t.is_floating_point():
                 t.add_(1.0)
     assert model_fingerprint(model) == before
+
+
+class _Unpacking(nn.Module):
+    """Every way a forward unpacks a traced value: a shape, a slice of one, a proxy, a nested unpack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        n, ch = x.flatten(2).shape[:2]
+        left, right = x.chunk(2, dim=1)
+        (first, second), _ = x.split(1, dim=0)[0].shape[:2], None
+        y = self.bn(torch.cat([right, left], dim=1))
+        return y.reshape(b, c * h * w) * (n + ch + first + second)
+
+
+def test_unpacking_traces_as_in_fx():
+    # The tracer answers unpacking without fx's per-call disassembly; the graph must not change.
+    from normswap.tracing import trace_graph
+
+    model = _Unpacking().eval()
+    ours = trace_graph(model).python_code("self").src
+    assert ours == torch.fx.symbolic_trace(model).graph.python_code("self").src
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(torch.fx.GraphModule(model, trace_graph(model))(x), model(x))
