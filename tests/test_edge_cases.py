@@ -348,3 +348,46 @@ def test_unpacking_traces_as_in_fx():
     assert ours == torch.fx.symbolic_trace(model).graph.python_code("self").src
     x = torch.randn(2, 4, 3, 3)
     assert torch.equal(torch.fx.GraphModule(model, trace_graph(model))(x), model(x))
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.register_buffer("offset", torch.zeros(1))
+        self.table = torch.arange(4.0).view(1, 4, 1, 1)  # a plain tensor attribute: a constant in the graph
+
+    def forward(self, x):
+        return x * self.scale + self.offset + self.table
+
+
+class _ScaledBN(_Scaled):  # a subclass of another class in the model: both get the wrappers
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _OwnCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def __call__(self, *args, **kwargs):  # fx's patch of nn.Module still sees super().__call__
+        return super().__call__(*args, **kwargs)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+@pytest.mark.parametrize("extra", [[], [_OwnCall()]], ids=["own-trace", "fx-trace"])
+def test_tracing_gives_fxs_graph_and_leaves_every_class_as_it_was(extra):
+    from normswap.tracing import trace_graph
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), _Scaled(), nn.BatchNorm2d(4), _ScaledBN(), *extra).eval()
+    classes = {type(m) for m in model.modules()} | {nn.Module}
+    before = {c: dict(vars(c)) for c in classes}
+    ours = trace_graph(model)
+    assert ours.python_code("self").src == torch.fx.symbolic_trace(model).graph.python_code("self").src
+    assert {c: dict(vars(c)) for c in classes} == before
+    assert sum(n.op == "call_module" and n.target == "2" for n in ours.nodes) == 1  # BatchNorm stays a leaf
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(torch.fx.GraphModule(model, ours)(x), model(x))
