@@ -135,21 +135,11 @@ def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None, modules: dict[s
     """Build every replacement before anything is swapped."""
     staged = _Staged({}, {}, [])
     nodes = {n.name: n for n in graph.nodes} if graph is not None else {}
-    for entry in plan.conversions:
+    entries = plan.conversions
+    olds = [modules[e.site.path] if e.site.kind == "module" else None for e in entries]
+    states = [_state(model, e, old, nodes) for e, old in zip(entries, olds, strict=True)]
+    for entry, old, built in zip(entries, olds, _build_all(model, entries, states), strict=True):
         site = entry.site
-        if site.kind == "module":
-            old = modules[site.path]
-            state = NormState.from_module(old)
-        else:
-            node = nodes.get(site.node or "")
-            if node is None or not is_functional_batch_norm(node):
-                raise PlanError(
-                    f"{site.path}: functional batch_norm node {site.node!r} is not in this model's graph; "
-                    f"the plan does not fit this model."
-                )
-            old = None
-            state = NormState.from_functional(model, node, site.num_features, model.training)
-        built = _build(model, entry, state)
         for path, module in built.items():
             if path in staged.modules or any(path == p for p, _ in staged.functional.values()):
                 raise PlanError(f"{path} would be replaced twice (by {site.path} and an earlier entry).")
@@ -169,6 +159,36 @@ def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None, modules: dict[s
             )
         )
     return staged
+
+
+def _state(model: nn.Module, entry: PlanEntry, old: nn.Module | None, nodes: dict[str, fx.Node]) -> NormState:
+    site = entry.site
+    if old is not None:
+        return NormState.from_module(old)
+    node = nodes.get(site.node or "")
+    if node is None or not is_functional_batch_norm(node):
+        raise PlanError(
+            f"{site.path}: functional batch_norm node {site.node!r} is not in this model's graph; "
+            f"the plan does not fit this model."
+        )
+    return NormState.from_functional(model, node, site.num_features, model.training)
+
+
+def _build_all(model: nn.Module, entries: tuple[PlanEntry, ...], states: list[NormState]) -> list[dict[str, nn.Module]]:
+    """Each entry's replacements, in plan order; each target builds its sites together."""
+    by_target: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        by_target.setdefault(entry.target or "", []).append(i)
+    built: list[dict[str, nn.Module]] = [{}] * len(entries)
+    for name, indices in by_target.items():
+        items = [(entries[i].site, states[i], entries[i].options) for i in indices]
+        try:
+            together = get_target(name).build_all(model, items)
+        except Exception:  # built one by one, so the error names the site that failed
+            together = [_build(model, entries[i], states[i]) for i in indices]
+        for i, modules in zip(indices, together, strict=True):
+            built[i] = modules
+    return built
 
 
 def _build(model: nn.Module, entry: PlanEntry, state: NormState) -> dict[str, nn.Module]:
