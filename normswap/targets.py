@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import PlanError, RecipeError, unknown_name
 from .layers import ChannelLayerNorm, FrozenBatchNorm
+from .tracing import set_mode
 from .transfer import (
     TRANSFERS,
     NormState,
@@ -96,9 +97,11 @@ def finish(module: nn.Module, state: NormState) -> nn.Module:
     """Put a new module on the old one's device and dtype, mode and trainability."""
     if any(t.device != state.device or t.dtype != state.dtype for t in _own_tensors(module)):
         module.to(device=state.device, dtype=state.dtype)
-    for p in module.parameters(recurse=False):
-        p.requires_grad_(state.requires_grad)
-    return module.train(state.training)
+    for p in module._parameters.values():
+        if p is not None:
+            p.requires_grad_(state.requires_grad)
+    set_mode(module, state.training)
+    return module
 
 
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
