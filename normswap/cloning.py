@@ -20,7 +20,9 @@ from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
 
-_IMMUTABLE = frozenset((int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.layout, type))
+_IMMUTABLE = frozenset(
+    (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.layout, type)
+)
 _COPY_HOOKS = ("__deepcopy__", "__copy__", "__reduce_ex__", "__reduce__", "__getstate__", "__setstate__")
 # torch's own hooks that only fill in attributes missing from old pickles: on a live module, whose
 # __dict__ has them all, they do what nn.Module's do (convolutions are the common case).

@@ -121,25 +121,29 @@ class NormswapTracer(fx.Tracer):
 
         Everything else is fx's, in fx's order; the graphs are the same (see tests).
         """
-        classes = _module_classes(root) if _OWN_TRACE and concrete_args is None else None
+        own = _OWN_TRACE and concrete_args is None and isinstance(root, nn.Module)
+        named = list(root.named_modules()) if own else []  # type: ignore[union-attr]
+        classes = _module_classes(root, named) if own else None
         if classes is None:
             return super().trace(root, concrete_args)
-        assert isinstance(root, nn.Module)  # _module_classes answers None for anything else
+        assert isinstance(root, nn.Module)
         was_tracing = _st._get_is_fx_tracing()
         _st._set_is_fx_tracing(True)
         try:
-            return self._trace_module(root, classes)
+            return self._trace_module(root, classes, named)
         finally:
             _st._set_is_fx_tracing(was_tracing)
 
-    def _trace_module(self, root: nn.Module, classes: list[type[nn.Module]]) -> fx.Graph:
+    def _trace_module(
+        self, root: nn.Module, classes: list[type[nn.Module]], named: list[tuple[str, nn.Module]]
+    ) -> fx.Graph:
         from torch.fx._lazy_graph_module import _LazyGraphModule
 
         _LazyGraphModule.force_recompile(root)
         self.root = root
         fn = getattr(type(root), self.traced_func_name)
         self.root_module_name = root._get_name()
-        self.submodule_paths = {mod: name for name, mod in root.named_modules()}
+        self.submodule_paths = {mod: name for name, mod in named}
         self.graph = fx.Graph(tracer_cls=type(self))
         code = fn.__code__
         self.graph._co_fields = {
@@ -261,12 +265,12 @@ _OWN_TRACE = all(hasattr(_st, name) for name in _FX_TRACE_INTERNALS) and all(
 )
 
 
-def _module_classes(root: Any) -> list[type[nn.Module]] | None:
-    """The distinct classes of ``root``'s modules, or None where the per-class patch would not do what
-    fx's patch of ``nn.Module`` does: a class with its own ``__call__`` or ``__getattr__``."""
-    if not isinstance(root, nn.Module) or type(root).forward is nn.Module.forward:
+def _module_classes(root: nn.Module, named: list[tuple[str, nn.Module]]) -> list[type[nn.Module]] | None:
+    """The distinct classes of ``root``'s modules (``named``), or None where the per-class patch would
+    not do what fx's patch of ``nn.Module`` does: a class with its own ``__call__`` or ``__getattr__``."""
+    if type(root).forward is nn.Module.forward:
         return None
-    classes = list(dict.fromkeys(type(m) for m in root.modules()))
+    classes = list(dict.fromkeys(type(m) for _, m in named))
     for cls in classes:
         if cls.__call__ is not nn.Module.__call__ or cls.__getattr__ is not nn.Module.__getattr__:
             return None
@@ -356,16 +360,17 @@ def _append_node(
 
 
 @contextmanager
-def model_state_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+def model_state_guard(
+    model: nn.Module, eval_mode: bool = True, modules: Sequence[nn.Module] | None = None
+) -> Iterator[None]:
     """Put the model in eval mode (for discovery) and afterwards restore every module's mode and every
     plain attribute it had, so nothing of the trace stays behind.
 
     Tracing levit or efficientformer writes fx Proxy objects into their ``attention_bias_cache``
     dicts, after which ``torch.save(model)`` fails; an eval forward fills the same caches with real
-    tensors. Both are undone here.
+    tensors. Both are undone here. ``modules``: the model's modules, each once, where the caller has them.
     """
-    modules = list(model.modules())
-    snapshots = [_snapshot(m) for m in modules]
+    snapshots = [_snapshot(m) for m in (model.modules() if modules is None else modules)]
     try:
         if eval_mode:
             set_mode(model, False)
@@ -582,7 +587,7 @@ def discover(
     _refuse_uninitialized(index)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     bn_modules = [(p, m) for p, m in index.unique if isinstance(m, _BatchNorm)]
-    with model_state_guard(model):
+    with model_state_guard(model, modules=[m for _, m in index.unique]):
         graph, trace_error = _trace(model) if traced is None else (traced.graph, traced.trace_error)
         node_index = _module_nodes(graph)
         ran = shapes == "always" or _needs_forward(graph, bn_modules, node_index)
