@@ -121,17 +121,17 @@ def _clone(module: Any, memo: dict[int, Any], lent: frozenset[int] = frozenset()
     new = cls.__new__(cls)
     memo[id(module)] = new
     memo[id(memo)].append(module)
-    state = {}
+    state = module.__dict__.copy()  # immutable values (most of a module's attributes) stay as copied
     for key, value in module.__dict__.items():
         kind = type(value)
-        if kind in _IMMUTABLE:  # most of a module's attributes, then its many empty hook tables: inline
-            state[key] = value
-        elif kind in _CONTAINERS and not value:
+        if kind in _IMMUTABLE:
+            continue
+        if kind in _CONTAINERS and not value:  # its many empty hook tables
             state[key] = kind()
         elif key == "_modules":
-            state[key] = type(value)((n, None if c is None else _clone(c, memo, lent)) for n, c in value.items())
+            state[key] = kind((n, None if c is None else _clone(c, memo, lent)) for n, c in value.items())
         elif key in ("_parameters", "_buffers"):
-            state[key] = type(value)((n, None if t is None else _tensor(t, memo, lent)) for n, t in value.items())
+            state[key] = kind((n, None if t is None else _tensor(t, memo, lent)) for n, t in value.items())
         else:
             state[key] = _value(value, memo)
     new.__dict__.update(state)
