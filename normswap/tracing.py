@@ -380,26 +380,28 @@ def model_state_guard(
             _restore(*snapshot)
 
 
-_Snapshot = tuple[nn.Module, dict[str, Any], dict[str, dict[Any, Any]]]
+_Snapshot = tuple[nn.Module, dict[str, Any], tuple[str, ...], dict[str, dict[Any, Any]]]
 
 
 def _snapshot(m: nn.Module) -> _Snapshot:
     attrs = m.__dict__.copy()  # includes ``training``
-    plain = attrs.keys() - _MODULE_INTERNALS
-    return m, attrs, {k: dict(attrs[k]) for k in plain if isinstance(attrs[k], dict)}
+    plain = tuple(k for k in attrs if k not in _MODULE_INTERNALS)
+    return m, attrs, plain, {k: dict(attrs[k]) for k in plain if isinstance(attrs[k], dict)}
 
 
-def _restore(m: nn.Module, attrs: dict[str, Any], dicts: dict[str, dict[Any, Any]]) -> None:
+def _restore(m: nn.Module, attrs: dict[str, Any], plain: tuple[str, ...], dicts: dict[str, dict[Any, Any]]) -> None:
     # The module's own __dict__ is written directly: these are plain attributes (``training``, caches),
     # never parameters, buffers or submodules, which nn.Module.__setattr__ would route elsewhere.
     current = m.__dict__
     current["training"] = attrs["training"]
-    for key in current.keys() - attrs.keys():
-        if key not in _MODULE_INTERNALS:
-            del current[key]
-    for key in attrs.keys() - _MODULE_INTERNALS:
-        if current.get(key) is not attrs[key]:
-            current[key] = attrs[key]
+    if current.keys() != attrs.keys():
+        for key in current.keys() - attrs.keys():
+            if key not in _MODULE_INTERNALS:
+                del current[key]
+    for key in plain:
+        value = attrs[key]
+        if current.get(key) is not value:
+            current[key] = value
     for key, content in dicts.items():
         now = current[key]
         if now.keys() != content.keys() or any(now[k] is not v for k, v in content.items()):
