@@ -61,30 +61,35 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
     return Applied(target_model, staged.records, warnings, left)
 
 
-def _replaced(model: nn.Module, plan: Plan) -> list[_BatchNorm]:
-    """The BatchNorm modules the plan replaces: their tensors are read, never kept, so the copy may
-    borrow them from ``model`` (see ``clone_model``)."""
+def _replaced(model: nn.Module, plan: Plan) -> list[nn.Module]:
+    """The modules the plan replaces (its BatchNorm sites, and the convs ``fold`` folds them into): their
+    tensors are read, never kept, so the copy may borrow them from ``model`` (see ``clone_model``)."""
     def lookup(path: str) -> nn.Module | None:
         try:
             return model.get_submodule(path)
         except AttributeError:  # a plan for another architecture: _check_fits names every mismatch
             return None
 
-    return _converted_batchnorms(plan, lookup)
+    return _replaced_modules(plan, lookup)
 
 
 def _empty_replaced(plan: Plan, modules: dict[str, nn.Module]) -> None:
-    """The copy's replaced BatchNorm modules held tensors borrowed from the user's model. They are out of
-    the converted model now; emptied, a stray reference to one (a plain list of modules) fails loudly
+    """The copy's replaced modules held tensors borrowed from the user's model. They are out of the
+    converted model now; emptied, a stray reference to one (a plain list of modules) fails loudly
     instead of sharing the user's tensors."""
-    for old in _converted_batchnorms(plan, modules.get):
+    for old in _replaced_modules(plan, modules.get):
         old._parameters.clear()
         old._buffers.clear()
 
 
-def _converted_batchnorms(plan: Plan, lookup: Callable[[str], nn.Module | None]) -> list[_BatchNorm]:
-    found = (lookup(e.site.path) for e in plan.conversions if e.site.kind == "module")
-    return [m for m in found if isinstance(m, _BatchNorm)]
+def _replaced_modules(plan: Plan, lookup: Callable[[str], nn.Module | None]) -> list[nn.Module]:
+    paths = (p for e in plan.conversions if e.site.kind == "module" for p in _declared(e))
+    found = (lookup(p) for p in dict.fromkeys(paths))
+    return [m for m in found if m is not None]
+
+
+def _declared(entry: PlanEntry) -> tuple[str, ...]:
+    return get_target(entry.target or "").replaces(entry.site, entry.options)
 
 
 @dataclass
@@ -140,6 +145,10 @@ def _stage(model: nn.Module, plan: Plan, graph: fx.Graph | None, modules: dict[s
     states = [_state(model, e, old, nodes) for e, old in zip(entries, olds, strict=True)]
     for entry, old, built in zip(entries, olds, _build_all(model, entries, states), strict=True):
         site = entry.site
+        if missing := [p for p in _declared(entry) if p not in built]:
+            # the copy borrowed their tensors from the user's model: they must not stay in it
+            raise PlanError(f"{site.path}: target {entry.target!r} declares it replaces {missing} but built no "
+                            f"replacement for them.")
         for path, module in built.items():
             if path in staged.modules or any(path == p for p, _ in staged.functional.values()):
                 raise PlanError(f"{path} would be replaced twice (by {site.path} and an earlier entry).")

@@ -92,6 +92,11 @@ class Target(abc.ABC):
         """``build`` for several sites, in order. Targets whose work is cheaper done together override it."""
         return [self.build(model, site, state, options) for site, state, options in items]
 
+    def replaces(self, site: Site, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """Paths ``build`` always returns a replacement for. Conversion copies the model without copying
+        their tensors (they are read, then dropped), so a target must build every path it names here."""
+        return (site.path,)
+
 
 def finish(module: nn.Module, state: NormState) -> nn.Module:
     """Put a new module on the old one's device and dtype, mode and trainability."""
@@ -340,6 +345,9 @@ class FoldTarget(Target):
         if site.producer_cls == "Linear" and site.layout != "features":
             raise NotApplicable("a Linear folds only into BatchNorm over N×C features")
         return {"producer": site.producer, "transfer": "fold"}
+
+    def replaces(self, site: Site, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return (site.path, str(options["producer"]))
 
     def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
         from .tracing import resolve_attr

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .cloning import shallow_copy
 from .tracing import functional_arguments, resolve_attr
 
 TRANSFERS = ("auto", "statistics", "affine", "none")
@@ -258,9 +259,7 @@ def fold_into(producer: nn.Module, state: NormState) -> nn.Module:
 def _copy_without_parameters(module: nn.Module) -> nn.Module:
     """A shallow copy with its own parameter table; the new parameters are set by the caller. Much
     cheaper than deepcopy, and the original stays untouched."""
-    import copy
-
-    clone = copy.copy(module)
+    clone = shallow_copy(module)
     clone._parameters = dict(module._parameters)
     clone._buffers = dict(module._buffers)
     clone._modules = dict(module._modules)

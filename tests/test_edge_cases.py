@@ -391,3 +391,26 @@ def test_tracing_gives_fxs_graph_and_leaves_every_class_as_it_was(extra):
     assert sum(n.op == "call_module" and n.target == "2" for n in ours.nodes) == 1  # BatchNorm stays a leaf
     x = torch.randn(2, 4, 3, 3)
     assert torch.equal(torch.fx.GraphModule(model, ours)(x), model(x))
+
+
+def test_fold_copies_no_weight_it_replaces_and_a_target_must_build_what_it_declares(monkeypatch):
+    from normswap import apply as apply_module
+    from normswap import targets
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    plan = normswap.plan(model, "fold", torch.randn(1, 3, 8, 8))
+    # The folded conv and the BatchNorm are read, never kept: the copy borrows their tensors.
+    assert {id(m) for m in apply_module._replaced(model, plan)} == {id(model[0]), id(model[1])}
+
+    class Forgetful(targets.IdentityTarget):
+        name = "forgetful"
+
+        def replaces(self, site, options):
+            return (site.path, "0")  # claims the conv too, but builds only the site
+
+    monkeypatch.setitem(targets._REGISTRY, "forgetful", Forgetful())
+    recipe = {"rules": [{"name": "all", "target": "forgetful"}]}
+    before = model_fingerprint(model)
+    with pytest.raises(normswap.PlanError, match="declares it replaces"):
+        normswap.convert(model, recipe, torch.randn(1, 3, 8, 8), validate=False)
+    assert model_fingerprint(model) == before
