@@ -24,7 +24,7 @@ from .transfer import (
     TRANSFERS,
     NormState,
     affine_copy,
-    fold_into,
+    fold_all,
     foldable_out_channels,
     resolve_transfer,
     transferred_affines,
@@ -350,6 +350,18 @@ class FoldTarget(Target):
         return (site.path, str(options["producer"]))
 
     def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
+        return self.build_all(model, [(site, state, options)])[0]
+
+    def build_all(self, model: nn.Module, items: Sequence[BuildItem]) -> list[dict[str, nn.Module]]:
+        producers = [self._producer(model, site, options) for site, _, options in items]
+        fused = fold_all(producers, [state for _, state, _ in items])
+        return [
+            {options["producer"]: conv, site.path: activation_only(state)}
+            for (site, state, options), conv in zip(items, fused, strict=True)
+        ]
+
+    @staticmethod
+    def _producer(model: nn.Module, site: Site, options: Mapping[str, Any]) -> nn.Module:
         from .tracing import resolve_attr
 
         producer = resolve_attr(model, options["producer"])
@@ -359,7 +371,7 @@ class FoldTarget(Target):
                 f"{site.path}: cannot fold into {options['producer']} ({type(producer).__name__}, "
                 f"{channels} output channels) — it needs a conv/linear with {site.num_features}."
             )
-        return {options["producer"]: fold_into(producer, state), site.path: activation_only(state)}
+        return producer
 
 
 class IdentityTarget(Target):

@@ -235,24 +235,57 @@ def transferred_affines(
 def fold_into(producer: nn.Module, state: NormState) -> nn.Module:
     """A copy of ``producer`` (Conv1d/2d/3d, Linear, or ConvTranspose with one group) with the
     eval-mode BatchNorm that follows it folded in: ``W' = W·γ/s``, ``b' = (b − μ)·γ/s + β``."""
-    assert state.running_mean is not None and state.running_var is not None  # the fold target checks
+    return fold_all([producer], [state])[0]
+
+
+def fold_all(producers: Sequence[nn.Module], states: Sequence[NormState]) -> list[nn.Module]:
+    """:func:`fold_into` for many sites: the per-channel factors of all sites on a device are computed
+    together (a dozen tensor operations per site were a sixth of a small network's conversion)."""
+    out: list[nn.Module] = [None] * len(states)  # type: ignore[list-item]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, state in enumerate(states):
+        assert state.running_mean is not None and state.running_var is not None  # the fold target checks
+        by_device.setdefault(state.running_mean.device, []).append(i)
+    for indices in by_device.values():
+        factors = _fold_factors([producers[i] for i in indices], [states[i] for i in indices])
+        for i, (scale, bias) in zip(indices, factors, strict=True):
+            out[i] = _fused(producers[i], scale, bias)
+    return out
+
+
+def _fold_factors(producers: list[nn.Module], states: list[NormState]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per site, in float64: ``γ/s`` and ``(b − μ)·γ/s + β`` (elementwise, so computing them over all
+    sites' channels at once gives each the numbers it would get alone)."""
+    def column(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([v.detach().reshape(-1).double() for v in values])
+
+    gamma, beta = (column(list(pair)) for pair in zip(*(affine_copy(state) for state in states), strict=True))
+    var = column([state.running_var for state in states])  # type: ignore[misc]
+    mean = column([state.running_mean for state in states])  # type: ignore[misc]
+    eps = torch.cat([torch.full((s.num_features,), s.eps, dtype=torch.float64, device=mean.device) for s in states])
+    old_bias = column([p.bias if p.bias is not None else torch.zeros_like(s.running_mean, dtype=torch.float64)
+                       for p, s in zip(producers, states, strict=True)])  # type: ignore[arg-type]
+    scale = gamma / (var + eps).sqrt()
+    bias = (old_bias - mean) * scale + beta
+    sizes = [state.num_features for state in states]
+    return list(zip(scale.split(sizes), bias.split(sizes), strict=True))
+
+
+def _fused(producer: nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     fused = _copy_without_parameters(producer)
     old = producer.weight
-    # The per-channel factors in float64; the weight product in at least float32, where one rounding
-    # per element is already exact to the dtype (and resnet50's 25M weights stay cheap).
+    # The weight product in at least float32, where one rounding per element is already exact to the
+    # dtype (and resnet50's 25M weights stay cheap); the factors came in float64.
     compute = torch.promote_types(old.dtype, torch.float32)
-    gamma, beta = (t.double() for t in affine_copy(state))
-    scale = gamma / (state.running_var.double() + state.eps).sqrt()
     out_dim = 1 if isinstance(producer, nn.modules.conv._ConvTransposeNd) else 0
     shape = [1] * old.ndim
     shape[out_dim] = -1
-    old_bias = producer.bias.detach().double() if producer.bias is not None else torch.zeros_like(scale)
-    bias = (old_bias - state.running_mean.double()) * scale + beta
     with torch.no_grad():
         weight = old.detach().to(compute) * scale.to(compute).view(shape)
         # empty_like keeps the original weight's memory format (channels-last convs stay channels-last).
         fused.weight = nn.Parameter(torch.empty_like(old).copy_(weight), requires_grad=old.requires_grad)
-    fused.bias = nn.Parameter(bias.to(old.dtype), requires_grad=old.requires_grad)
+    # copy: ``bias`` is a view into all sites' factors
+    fused.bias = nn.Parameter(bias.to(old.dtype, copy=True), requires_grad=old.requires_grad)
     return fused
 
 

@@ -315,6 +315,9 @@ def test_converted_model_shares_no_tensor_with_the_original(recipe):
     storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     assert not [n for n, t in (*converted.named_parameters(), *converted.named_buffers())
                 if t.untyped_storage().data_ptr() in storages]
+    # Nor with each other (batched transfers compute all sites together): safetensors refuses shared storage.
+    tensors = [*converted.parameters(), *converted.buffers()]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
     before = model_fingerprint(model)
     with torch.no_grad():
         for t in (*converted.parameters(), *converted.buffers()):
