@@ -63,14 +63,9 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
 
 def _replaced(model: nn.Module, plan: Plan) -> list[nn.Module]:
     """The modules the plan replaces (its BatchNorm sites, and the convs ``fold`` folds them into): their
-    tensors are read, never kept, so the copy may borrow them from ``model`` (see ``clone_model``)."""
-    def lookup(path: str) -> nn.Module | None:
-        try:
-            return model.get_submodule(path)
-        except AttributeError:  # a plan for another architecture: _check_fits names every mismatch
-            return None
-
-    return _replaced_modules(plan, lookup)
+    tensors are read, never kept, so the copy may borrow them from ``model`` (see ``clone_model``). A
+    path the model lacks (a plan for another architecture) is skipped: ``_check_fits`` names it."""
+    return _replaced_modules(plan, dict(model.named_modules(remove_duplicate=False)).get)
 
 
 def _empty_replaced(plan: Plan, modules: dict[str, nn.Module]) -> None:
