@@ -208,6 +208,10 @@ class NormswapTracer(fx.Tracer):
             return a
         if kind is tuple:
             return tuple(self.create_arg(x) for x in a)
+        if kind is list:
+            return [self.create_arg(x) for x in a]
+        if kind is dict and all(type(k) is str for k in a):  # kwargs; fx checks other keys for proxies
+            return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
 
     def create_node(
