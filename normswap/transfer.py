@@ -8,8 +8,9 @@ it is the same arithmetic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from .cloning import shallow_copy
 from .tracing import functional_arguments, resolve_attr
 
 TRANSFERS = ("auto", "statistics", "affine", "none")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -150,16 +152,20 @@ def statistics_aware_affines(
     """:func:`statistics_aware_affine` for many sites at once: one computation over all their channels
     (per device), where one per site cost a tenth of a small network's conversion in NumPy's and
     torch's per-call overhead."""
-    out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(states)  # type: ignore[list-item]
+    return _per_device(states, lambda ix: _statistics_aware_on_one_device(
+        [states[i] for i in ix], [groups[i] for i in ix], [eps[i] for i in ix]
+    ))
+
+
+def _per_device(states: Sequence[NormState], run: Callable[[list[int]], list[R]]) -> list[R]:
+    """``run(indices)`` once for the sites on each device; the answers in the sites' order."""
+    out: list[R] = [None] * len(states)  # type: ignore[list-item]
     by_device: dict[torch.device, list[int]] = {}
     for i, state in enumerate(states):
         by_device.setdefault(state.device, []).append(i)
     for indices in by_device.values():
-        pairs = _statistics_aware_on_one_device(
-            [states[i] for i in indices], [groups[i] for i in indices], [eps[i] for i in indices]
-        )
-        for i, pair in zip(indices, pairs, strict=True):
-            out[i] = pair
+        for i, answer in zip(indices, run(indices), strict=True):
+            out[i] = answer
     return out
 
 
@@ -241,16 +247,14 @@ def fold_into(producer: nn.Module, state: NormState) -> nn.Module:
 def fold_all(producers: Sequence[nn.Module], states: Sequence[NormState]) -> list[nn.Module]:
     """:func:`fold_into` for many sites: the per-channel factors of all sites on a device are computed
     together (a dozen tensor operations per site were a sixth of a small network's conversion)."""
-    out: list[nn.Module] = [None] * len(states)  # type: ignore[list-item]
-    by_device: dict[torch.device, list[int]] = {}
-    for i, state in enumerate(states):
+    for state in states:
         assert state.running_mean is not None and state.running_var is not None  # the fold target checks
-        by_device.setdefault(state.running_mean.device, []).append(i)
-    for indices in by_device.values():
+
+    def fold(indices: list[int]) -> list[nn.Module]:
         factors = _fold_factors([producers[i] for i in indices], [states[i] for i in indices])
-        for i, (scale, bias) in zip(indices, factors, strict=True):
-            out[i] = _fused(producers[i], scale, bias)
-    return out
+        return [_fused(producers[i], scale, bias) for i, (scale, bias) in zip(indices, factors, strict=True)]
+
+    return _per_device(states, fold)
 
 
 def _fold_factors(producers: list[nn.Module], states: list[NormState]) -> list[tuple[torch.Tensor, torch.Tensor]]:
