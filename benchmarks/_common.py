@@ -38,15 +38,19 @@ def missing_note(name: str) -> str:
     return f"skipped: `normswap.{name}` does not exist in this checkout yet"
 
 
-def small_batch_recipe(transfer: str, groups: int = 32) -> dict[str, Any]:
-    """The small-batch recipe with every rule's transfer pinned (images → GroupNorm, rest → LayerNorm)."""
+def small_batch_recipe(transfer: str, groups: int = 32, eps: float | None = None) -> dict[str, Any]:
+    """The small-batch recipe with every rule's transfer pinned (images → GroupNorm, rest → LayerNorm),
+    and optionally the image norms' eps."""
+    image_options: dict[str, Any] = {"groups": groups, "transfer": transfer}
+    if eps is not None:
+        image_options["eps"] = eps
     return {
         "rules": [
             {
                 "name": "images-to-groupnorm",
                 "match": {"layouts": ["image", "volume", "unknown"]},
                 "target": "groupnorm",
-                "options": {"groups": groups, "transfer": transfer},
+                "options": image_options,
             },
             {"name": "features-to-layernorm", "target": "layernorm", "options": {"transfer": transfer}},
         ]

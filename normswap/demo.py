@@ -71,19 +71,17 @@ def views(model: torch.nn.Module, names: tuple[str, ...], per_photo: int, seed: 
 
 
 def run_real(output: Path, per_photo: int = 6, recover_steps: int = 0, console: Any = None) -> Any:
-    """Convert pretrained EfficientNet-Lite1 for a batch of 2, calibrate on views of five photos (the
-    group counts chosen on them, the affine from the running statistics: what served Lite1 best in
-    BENCHMARKS.md), optionally recover by distillation on augmented views, and validate on views of
-    four other photos."""
+    """Convert pretrained EfficientNet-Lite1 for a batch of 2 with the ``pretrained-small-batch`` recipe,
+    calibrate by reconstruction on views of five photos (what served Lite1 best in BENCHMARKS.md),
+    optionally recover by distillation on augmented views, and validate on views of four other photos."""
     from . import api, io
     from .recover import ImageAugment, recover
 
     model = lite1_model()
     calibration = views(model, CALIBRATION_PHOTOS, per_photo, seed=0)
     held_out = views(model, HELD_OUT_PHOTOS, per_photo, seed=1)
-    conversion = api.convert(model, "small-batch", calibration[:1], batch_size=2, calibration=calibration,
-                             calibration_groups="search", calibration_fit="statistics", validate=False,
-                             shapes="always")
+    conversion = api.convert(model, "pretrained-small-batch", calibration[:1], batch_size=2,
+                             calibration=calibration, calibration_fit="reconstruct", validate=False, shapes="always")
     if recover_steps:
         recover(model, conversion.model, calibration, steps=recover_steps, batch_size=8, plan=conversion.plan,
                 augment=ImageAugment(size=int(calibration.shape[-1])), feature_weight=1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -142,8 +144,19 @@ def report_lines(report: Report) -> list[str]:
         f"{len(report.swaps)} sites converted · BatchNorm left: {len(report.batchnorm_left)}"
     ]
     lines.append("time: " + ", ".join(f"{k} {v:.3f}s" for k, v in report.timings.items()))
+    if report.calibration:
+        lines.append(calibration_line(report.calibration))
     lines += [f"warning: {w}" for w in report.warnings]
     return lines
+
+
+def calibration_line(info: dict[str, Any]) -> str:
+    """What calibration did, from the report's JSON: fit, data, and the output error it moved."""
+    errors = info.get("output_error") or []
+    moved = f"; output error {fmt(errors[0])} → {fmt(errors[info.get('kept_sweeps', 0)])}" if errors else ""
+    undone = " (made it worse: undone)" if errors and not info.get("kept_sweeps") else ""
+    return (f"calibration: {info.get('fit')} on {info.get('samples')} samples ({info.get('source')}), "
+            f"{len(info.get('calibrated', []))} sites{moved}{undone}")
 
 
 def print_report(report: Report, console: Console | None = None) -> None:

@@ -27,6 +27,7 @@ from .transfer import (
     fold_all,
     foldable_out_channels,
     resolve_transfer,
+    standardize_all,
     transferred_affines,
 )
 from .types import Site
@@ -60,7 +61,17 @@ class Option:
 
 
 _TRANSFER_OPTION = Option(
-    str, "auto", "affine | statistics | none; auto = statistics where running statistics exist, else affine", TRANSFERS
+    str,
+    "auto",
+    "affine | statistics | standardize | none; auto = statistics where running statistics exist, else affine; "
+    "standardize folds the running statistics into the producing conv/linear (statistics where there is none)",
+    TRANSFERS,
+)
+_EPS_OPTION = Option(
+    (float, int, type(None)),
+    None,
+    "the new layer's eps (None: the BatchNorm's). After transfer 'standardize' channels have unit variance, so "
+    "eps ≥ 1 damps the per-sample rescaling",
 )
 
 
@@ -142,18 +153,64 @@ def activation_only(state: NormState) -> nn.Module:
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
 
+
+def _unfoldable(site: Site) -> str:
+    """Why the BatchNorm's numbers cannot be folded into its producer ('' when they can)."""
+    if site.kind != "module":
+        return "only module sites are folded"
+    if site.producer is None or not site.producer_foldable:
+        what = f"{site.producer} ({site.producer_cls})" if site.producer else "unknown"
+        return f"producer {what} is not a conv/linear with {site.num_features} outputs to fold into"
+    if not site.producer_exclusive:
+        return f"producer {site.producer} is shared or feeds other nodes too"
+    if site.producer_cls == "Linear" and site.layout != "features":
+        return "a Linear folds only into BatchNorm over N×C features"
+    return ""
+
+
+def _producer_module(model: nn.Module, site: Site, options: Mapping[str, Any]) -> nn.Module:
+    from .tracing import resolve_attr
+
+    producer = resolve_attr(model, options["producer"])
+    channels = foldable_out_channels(producer)
+    if channels != site.num_features:
+        raise PlanError(
+            f"{site.path}: cannot fold into {options['producer']} ({type(producer).__name__}, "
+            f"{channels} output channels) — it needs a conv/linear with {site.num_features}."
+        )
+    return producer
+
+
 class _GroupStatNorm(Target):
     """Targets that normalize by per-sample statistics over groups of channels."""
 
-    options: ClassVar[Mapping[str, Option]] = {"transfer": _TRANSFER_OPTION}
+    options: ClassVar[Mapping[str, Option]] = {"transfer": _TRANSFER_OPTION, "eps": _EPS_OPTION}
 
     def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
         self.check_layout(site)
         transfer = resolve_transfer(options.get("transfer", "auto"), site.has_running_stats)
-        if transfer == "statistics" and not site.has_running_stats:
-            raise NotApplicable("transfer 'statistics' needs running statistics and this site has none")
-        # The statistics-aware transfer needs an affine to carry its correction.
-        return {"transfer": transfer, "affine": site.affine or transfer == "statistics"} | self.extra(site, options)
+        if transfer in ("statistics", "standardize") and not site.has_running_stats:
+            raise NotApplicable(f"transfer {transfer!r} needs running statistics and this site has none")
+        standardize = {}
+        if transfer == "standardize":
+            # Where there is no conv/linear of this site's own to fold into, the statistics-aware transfer
+            # is the next best; the plan shows which one each site got.
+            if _unfoldable(site):
+                transfer = "statistics"
+            else:
+                standardize = {"producer": site.producer}
+        # The statistics-aware transfers need an affine to carry their correction.
+        affine = site.affine or transfer in ("statistics", "standardize")
+        eps = options.get("eps")
+        if eps is not None and not eps > 0:
+            raise PlanError(f"{site.path}: eps must be positive, got {eps!r}.")
+        chosen = {"eps": float(eps)} if eps is not None else {}
+        return {"transfer": transfer, "affine": affine} | standardize | chosen | self.extra(site, options)
+
+    def replaces(self, site: Site, options: Mapping[str, Any]) -> tuple[str, ...]:
+        if options.get("transfer") == "standardize":
+            return (site.path, str(options["producer"]))
+        return (site.path,)
 
     def check_layout(self, site: Site) -> None:
         if site.num_features < 1:
@@ -177,14 +234,26 @@ class _GroupStatNorm(Target):
             [state for _, state, _ in items],
             [options["transfer"] for _, _, options in items],
             [self.groups(site, options) for site, _, options in items],
-            [state.eps for _, state, _ in items],
+            [norm_eps(state, options) for _, state, options in items],
         )
         built = []
         for (site, state, options), affine in zip(items, affines, strict=True):
             module = finish(self.make(site, state, options), state)
             set_affine(module, affine)
             built.append({site.path: with_activation(module, state)})
+        standardized = [i for i, (_, _, options) in enumerate(items) if options["transfer"] == "standardize"]
+        producers = standardize_all(
+            [_producer_module(model, items[i][0], items[i][2]) for i in standardized],
+            [items[i][1] for i in standardized],
+        )
+        for i, producer in zip(standardized, producers, strict=True):
+            built[i][str(items[i][2]["producer"])] = producer
         return built
+
+
+def norm_eps(state: NormState, options: Mapping[str, Any]) -> float:
+    eps = options.get("eps")
+    return state.eps if eps is None else float(eps)
 
 
 def largest_divisor_at_most(n: int, limit: int) -> int:
@@ -201,6 +270,7 @@ class GroupNormTarget(_GroupStatNorm):
             str, "largest-divisor", "when groups do not divide C: largest-divisor | error", ("largest-divisor", "error")
         ),
         "transfer": _TRANSFER_OPTION,
+        "eps": _EPS_OPTION,
     }
 
     def extra(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,13 +292,14 @@ class GroupNormTarget(_GroupStatNorm):
         return int(options["groups"])
 
     def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        eps = norm_eps(state, options)
         if state.act is not None:
             from timm.layers import GroupNormAct
 
             return GroupNormAct(
-                site.num_features, int(options["groups"]), eps=state.eps, affine=options["affine"], apply_act=False
+                site.num_features, int(options["groups"]), eps=eps, affine=options["affine"], apply_act=False
             )
-        return nn.GroupNorm(int(options["groups"]), site.num_features, eps=state.eps, affine=options["affine"])
+        return nn.GroupNorm(int(options["groups"]), site.num_features, eps=eps, affine=options["affine"])
 
 
 class LayerNormTarget(_GroupStatNorm):
@@ -239,15 +310,16 @@ class LayerNormTarget(_GroupStatNorm):
         return 1
 
     def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        eps = norm_eps(state, options)
         c, affine = site.num_features, options["affine"]
         if state.act is not None:
             from timm.layers import LayerNormAct2d
 
-            return LayerNormAct2d(c, eps=state.eps, affine=affine, apply_act=False)
+            return LayerNormAct2d(c, eps=eps, affine=affine, apply_act=False)
         if site.layout == "features" and not site.layout_inferred:
-            return nn.LayerNorm(c, eps=state.eps, elementwise_affine=affine)
+            return nn.LayerNorm(c, eps=eps, elementwise_affine=affine)
         # Over dim 1 whatever the rank, so also right for a BatchNorm1d whose layout was only guessed.
-        return ChannelLayerNorm(c, eps=state.eps, affine=affine)
+        return ChannelLayerNorm(c, eps=eps, affine=affine)
 
 
 class LayerNormCHWTarget(_GroupStatNorm):
@@ -258,11 +330,12 @@ class LayerNormCHWTarget(_GroupStatNorm):
         return 1
 
     def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        eps = norm_eps(state, options)
         if state.act is not None:
             from timm.layers import GroupNorm1Act
 
-            return GroupNorm1Act(site.num_features, eps=state.eps, affine=options["affine"], apply_act=False)
-        return nn.GroupNorm(1, site.num_features, eps=state.eps, affine=options["affine"])
+            return GroupNorm1Act(site.num_features, eps=eps, affine=options["affine"], apply_act=False)
+        return nn.GroupNorm(1, site.num_features, eps=eps, affine=options["affine"])
 
 
 _INSTANCE_NORMS: dict[str, type[nn.Module]] = {
@@ -288,11 +361,12 @@ class InstanceNormTarget(_GroupStatNorm):
         return site.num_features
 
     def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        eps = norm_eps(state, options)
         if state.act is not None:
             from timm.layers import GroupNormAct  # GroupNorm with C groups is InstanceNorm with affine
 
-            return GroupNormAct(site.num_features, site.num_features, eps=state.eps, affine=True, apply_act=False)
-        return _INSTANCE_NORMS[site.layout](site.num_features, eps=state.eps, affine=True)
+            return GroupNormAct(site.num_features, site.num_features, eps=eps, affine=True, apply_act=False)
+        return _INSTANCE_NORMS[site.layout](site.num_features, eps=eps, affine=True)
 
 
 class FrozenTarget(Target):
@@ -333,17 +407,11 @@ class FoldTarget(Target):
     description = "fold into the producing conv/linear for inference (exact); BatchNorm disappears"
 
     def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
-        if site.kind != "module":
-            raise NotApplicable("only module sites are folded")
         if not site.has_running_stats:
             raise NotApplicable("no running statistics to fold")
-        if site.producer is None or not site.producer_foldable:
-            what = f"{site.producer} ({site.producer_cls})" if site.producer else "unknown"
-            raise NotApplicable(f"producer {what} is not a conv/linear with {site.num_features} outputs to fold into")
-        if not site.producer_exclusive:
-            raise NotApplicable(f"producer {site.producer} is shared or feeds other nodes too")
-        if site.producer_cls == "Linear" and site.layout != "features":
-            raise NotApplicable("a Linear folds only into BatchNorm over N×C features")
+        reason = _unfoldable(site)
+        if reason:
+            raise NotApplicable(reason)
         return {"producer": site.producer, "transfer": "fold"}
 
     def replaces(self, site: Site, options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -353,25 +421,12 @@ class FoldTarget(Target):
         return self.build_all(model, [(site, state, options)])[0]
 
     def build_all(self, model: nn.Module, items: Sequence[BuildItem]) -> list[dict[str, nn.Module]]:
-        producers = [self._producer(model, site, options) for site, _, options in items]
+        producers = [_producer_module(model, site, options) for site, _, options in items]
         fused = fold_all(producers, [state for _, state, _ in items])
         return [
             {options["producer"]: conv, site.path: activation_only(state)}
             for (site, state, options), conv in zip(items, fused, strict=True)
         ]
-
-    @staticmethod
-    def _producer(model: nn.Module, site: Site, options: Mapping[str, Any]) -> nn.Module:
-        from .tracing import resolve_attr
-
-        producer = resolve_attr(model, options["producer"])
-        channels = foldable_out_channels(producer)
-        if channels != site.num_features:
-            raise PlanError(
-                f"{site.path}: cannot fold into {options['producer']} ({type(producer).__name__}, "
-                f"{channels} output channels) — it needs a conv/linear with {site.num_features}."
-            )
-        return producer
 
 
 class IdentityTarget(Target):

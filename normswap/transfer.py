@@ -1,15 +1,17 @@
 """Parameter transfer from a BatchNorm site to its replacement.
 
-Three transfers exist: ``affine`` copies gamma/beta per channel; ``statistics`` (the default where
+Four transfers exist: ``affine`` copies gamma/beta per channel; ``statistics`` (the default where
 running statistics exist) also uses them so the new layer's expected output equals BatchNorm's;
-``none`` starts fresh (what Opacus does). Folding into the producing conv/linear lives here too, since
+``standardize`` folds BatchNorm's standardization by its running statistics into the producing
+conv/linear, so the new layer normalizes channels of equal scale, and keeps gamma/beta; ``none``
+starts fresh (what Opacus does). Folding into the producing conv/linear lives here too, since
 it is the same arithmetic.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -21,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .cloning import shallow_copy
 from .tracing import functional_arguments, resolve_attr
 
-TRANSFERS = ("auto", "statistics", "affine", "none")
+TRANSFERS = ("auto", "statistics", "standardize", "affine", "none")
 R = TypeVar("R")
 
 
@@ -227,15 +229,42 @@ def transferred_affines(
     states: Sequence[NormState], transfers: Sequence[str], groups: Sequence[int], eps: Sequence[float]
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Each new layer's (weight, bias) for its resolved transfer; None leaves the fresh initialisation.
-    The statistics-aware ones are computed together."""
+    The statistics-aware ones are computed together; ``standardize`` is the statistics-aware affine of
+    the standardized site (its producer is rebuilt by :func:`standardize_all`)."""
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [
         affine_copy(state) if transfer == "affine" else None for state, transfer in zip(states, transfers, strict=True)
     ]
-    aware = [i for i, transfer in enumerate(transfers) if transfer == "statistics"]
-    pairs = statistics_aware_affines([states[i] for i in aware], [groups[i] for i in aware], [eps[i] for i in aware])
+    aware = [i for i, transfer in enumerate(transfers) if transfer in ("statistics", "standardize")]
+    seen = [standardized_state(states[i]) if transfers[i] == "standardize" else states[i] for i in aware]
+    pairs = statistics_aware_affines(seen, [groups[i] for i in aware], [eps[i] for i in aware])
     for i, pair in zip(aware, pairs, strict=True):
         out[i] = pair
     return out
+
+
+def standardized_state(state: NormState) -> NormState:
+    """The site as the new layer sees it once :func:`standardize_all` has folded ``(x − μ)/s`` into the
+    producer: every channel has mean 0 and variance r = σ²/(σ² + ε), and BatchNorm's output is γ·x + β.
+    Written as a BatchNorm of those statistics (weight γ·√(r + ε′), tiny ε′) so that
+    :func:`statistics_aware_affines` of it gives the affine that reproduces BatchNorm in expectation."""
+    assert state.running_var is not None
+    tiny = 1e-12
+    var = state.running_var.double().clamp_min(0)
+    ratio = var / (var + state.eps)
+    gamma = state.weight.double() if state.weight is not None else torch.ones_like(ratio)
+    return replace(
+        state,
+        running_mean=torch.zeros_like(state.running_var),
+        running_var=ratio.to(state.running_var.dtype),
+        eps=tiny,
+        weight=(gamma * (ratio + tiny).sqrt()).to(state.dtype),
+    )
+
+
+def standardize_all(producers: Sequence[nn.Module], states: Sequence[NormState]) -> list[nn.Module]:
+    """Copies of the producers whose outputs are standardized by the BatchNorm running statistics that
+    follow them, ``(x − μ)/s``: folding without the affine."""
+    return fold_all(producers, [replace(state, weight=None, bias=None) for state in states])
 
 
 def fold_into(producer: nn.Module, state: NormState) -> nn.Module:

@@ -188,6 +188,55 @@ def test_statistics_aware_transfer_matches_batchnorm_on_its_own_distribution():
     assert errors["affine"] > 10 * errors["statistics"]
 
 
+def test_standardize_transfer_folds_the_statistics_into_the_producer():
+    """The producer's output becomes (x − μ)/s, and the GroupNorm reproduces BatchNorm exactly on a
+    sample whose per-channel moments are the running statistics; without a conv of its own, a site falls
+    back to the statistics-aware transfer, and the plan replays."""
+    torch.manual_seed(0)
+    c = 32
+    model = nn.Sequential(nn.Conv2d(3, c, 3, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.BatchNorm2d(c)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        z = model[0](x)
+        model[1].running_mean.copy_(z.mean((0, 2, 3)))
+        model[1].running_var.copy_(z.var((0, 2, 3), unbiased=False))
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    recipe = {"rules": [{"name": "gn", "target": "groupnorm", "options": {"groups": 4, "transfer": "standardize"}}]}
+    conversion = normswap.convert(model, recipe, x)
+    first, second = conversion.plan.entries
+    assert first.options["transfer"] == "standardize" and first.options["producer"] == "0"
+    assert second.options["transfer"] == "statistics"  # its producer is a ReLU
+    converted = conversion.model
+    bn = model[1]
+    with torch.no_grad():
+        standardized = (z - bn.running_mean.view(1, -1, 1, 1)) / (bn.running_var + bn.eps).sqrt().view(1, -1, 1, 1)
+        assert relative_error(standardized, converted[0](x)) < 1e-5
+        assert relative_error(bn(z), converted[1](converted[0](x))) < 1e-4
+    assert model[0].bias is None  # the user's conv is untouched
+    replayed = normswap.apply_plan(model, normswap.Plan.from_json(conversion.plan.to_json()))
+    replayed.load_state_dict(converted.state_dict())
+    with torch.no_grad():
+        assert torch.equal(replayed(x), converted(x))
+
+
+def test_norm_eps_option_is_used_by_the_layer_and_its_transfer():
+    from normswap.transfer import NormState, statistics_aware_affine
+
+    torch.manual_seed(0)
+    model = trained_stats(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), torch.randn(8, 3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    recipe = {"rules": [{"name": "gn", "target": "groupnorm", "options": {"groups": 2, "eps": 4}}]}
+    conversion = normswap.convert(model, recipe, x)
+    layer = conversion.model[1]
+    assert conversion.plan.entries[0].options["eps"] == 4.0 and layer.eps == 4.0
+    gamma, beta = statistics_aware_affine(NormState.from_module(model[1]), 2, 4.0)
+    assert torch.allclose(layer.weight, gamma) and torch.allclose(layer.bias, beta)
+    bad = {"rules": [{"name": "gn", "target": "groupnorm", "options": {"eps": 0}}]}
+    with pytest.raises(normswap.PlanError, match="eps must be positive"):
+        normswap.plan(model, bad, x)
+
+
 def test_groups_that_do_not_divide_are_adjusted_or_refused():
     model = ThirtyChannels().eval()
     x = torch.randn(1, 3, 4, 4)

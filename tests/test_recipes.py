@@ -22,6 +22,7 @@ SHIPPED = {
     "freeze",
     "fold",
     "auto",
+    "pretrained-small-batch",
 }
 
 

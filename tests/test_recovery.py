@@ -241,6 +241,7 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
                      "--recover-steps", "5", "--data", str(tmp_path / "data.pt"), "-o", str(tmp_path / "c")]) == 0
         report = json.loads((tmp_path / "c" / "report.json").read_text())
         assert report["calibration"]["fit"] == "least-squares" and report["calibration"]["recovery"]["steps"] == 5
+        assert "- calibration: least-squares on 96 samples" in (tmp_path / "c" / "report.md").read_text()
         assert main(["recover", "factory:build", str(tmp_path / "c"), *base, "--data", str(tmp_path / "data.pt"),
                      "--steps", "3", "-o", str(tmp_path / "r")]) == 0
         assert json.loads((tmp_path / "r" / "report.json").read_text())["calibration"]["recovery"]["steps"] == 3
@@ -301,3 +302,80 @@ def test_statistics_fit_chooses_structure_only_and_keeps_the_transfer():
         assert drift_of(model, searched.model, held) < drift_of(model, plain.model, held)
     with pytest.raises(normswap.PlanError, match="groups='search'"):
         normswap.calibrate(model, plain.model, calibration, fit="statistics")
+
+
+STANDARDIZED = {"rules": [
+    {"name": "images", "match": {"layouts": ["image"]}, "target": "layernorm-chw",
+     "options": {"transfer": "standardize", "eps": 1.0}},
+    {"name": "features", "target": "layernorm", "options": {"transfer": "standardize"}},
+]}
+
+
+def test_reconstruction_refits_each_site_with_its_conv_and_generalises():
+    from .conftest import model_fingerprint
+
+    model, data = small_cnn()
+    calibration, held = data[:64], data[64:]
+    before = model_fingerprint(model)
+    plain = normswap.convert(model, STANDARDIZED, data[:1], validate=False)
+    assert [e.options["transfer"] for e in plain.plan.conversions] == ["standardize"] * 3
+    least_squares = normswap.convert(model, STANDARDIZED, data[:1], validate=False, calibration=calibration)
+    rebuilt = normswap.convert(model, STANDARDIZED, data[:1], validate=False, calibration=calibration,
+                               calibration_fit="reconstruct")
+    info = rebuilt.report.calibration
+    assert info["fit"] == "reconstruct" and info["kept_sweeps"] == 1 and len(info["calibrated"]) == 3
+    # Each site's own conv/linear is refitted with it, and every site got closer to the original's output.
+    assert info["fitted"]["1"] == ["1.weight", "1.bias", "0.weight", "0.bias"]
+    assert info["fitted"]["9"] == ["9.weight", "9.bias", "8.weight", "8.bias"]
+    assert all(after < before for before, after in info["site_error"].values())
+    assert drift_of(model, rebuilt.model, held) < 0.5 * drift_of(model, plain.model, held)
+    assert drift_of(model, rebuilt.model, held) <= drift_of(model, least_squares.model, held)
+    assert model_fingerprint(model) == before
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in rebuilt.model.modules())
+    # Structure is the plan's: replay, then the weights, gives the calibrated model exactly.
+    replayed = normswap.apply_plan(model, normswap.Plan.from_json(rebuilt.plan.to_json()))
+    replayed.load_state_dict(rebuilt.model.state_dict())
+    assert torch.equal(replayed.eval()(held), rebuilt.model.eval()(held))
+    with pytest.raises(normswap.PlanError, match="groups='search'"):
+        normswap.calibrate(model, plain.model, calibration, fit="reconstruct", groups="search")
+
+
+def test_reconstruction_in_memory_bounded_passes_gives_the_same_model(monkeypatch):
+    """Stored targets over the budget end a pass early and the next pass resumes: one site per pass
+    must give the very model one pass gives."""
+    calibration_module = importlib.import_module("normswap.calibrate")
+    model, data = small_cnn()
+    models, calls = [], []
+    real_outputs = calibration_module._original_inputs
+
+    def counted(*args):
+        calls.append(1)
+        return real_outputs(*args)
+
+    monkeypatch.setattr(calibration_module, "_original_inputs", counted)
+    for budget in (calibration_module.RECONSTRUCTION_MEMORY, 1):
+        monkeypatch.setattr(calibration_module, "RECONSTRUCTION_MEMORY", budget)
+        converted = normswap.convert(model, STANDARDIZED, data[:1], validate=False).model
+        normswap.calibrate(model, converted, data[:48], plan=normswap.plan(model, STANDARDIZED, data[:1]),
+                           fit="reconstruct", steps=10)
+        models.append(converted)
+    assert len(calls) == 1 + 3
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_reconstruction_that_hurts_the_outputs_is_undone(monkeypatch):
+    calibration_module = importlib.import_module("normswap.calibrate")
+    model, data = small_cnn()
+    conversion = normswap.convert(model, STANDARDIZED, data[:1], validate=False)
+    before = {k: v.clone() for k, v in conversion.model.state_dict().items()}
+
+    def wreck(site, head, params, *args, **kwargs):
+        for _, p in params:
+            p.mul_(-3)
+        return 1.0, 9.0
+
+    monkeypatch.setattr(calibration_module, "_fit_site", wreck)
+    result = normswap.calibrate(model, conversion.model, data[:64], plan=conversion.plan, fit="reconstruct")
+    assert result.kept_sweeps == 0 and result.output_error[1] > result.output_error[0]
+    assert all(torch.equal(before[k], v) for k, v in conversion.model.state_dict().items())
