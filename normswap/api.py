@@ -81,6 +81,7 @@ def convert(
     calibration_fit: str = "least-squares",
     calibration_sweeps: int = 2,
     calibration_groups: str | None = None,
+    calibration_steps: int = 50,
     synthesis_steps: int = 200,
     shapes: str = "auto",
     **facts: Any,
@@ -90,7 +91,8 @@ def convert(
     ``calibration`` refits the new norm layers against the original (:func:`normswap.calibrate`):
     give data (a tensor, an image folder, a tensor file) or ``"data-free"`` to synthesise inputs from
     the BatchNorm running statistics first; ``calibration_groups="search"`` lets it also choose each
-    GroupNorm's group count (the returned plan records the choice). With ``validate`` (default) the report holds a
+    GroupNorm's group count (the returned plan records the choice); ``calibration_steps`` are the
+    gradient steps per site of ``calibration_fit="reconstruct"``. With ``validate`` (default) the report holds a
     :class:`~normswap.types.DriftReport` comparing the original and the converted model on ``data``,
     or on a few synthetic samples shaped like ``example_inputs``. ``strict`` raises
     :class:`~normswap.drift.ValidationFailed` when ``max_drift`` or ``min_top1_agreement`` fails.
@@ -107,7 +109,8 @@ def convert(
     calibrated = None
     if calibration is not None:
         calibrated = _calibrate(original, applied.model, the_plan, calibration, calibration_fit,
-                                calibration_sweeps, synthesis_steps, tuple(inputs[0].shape[1:]), calibration_groups)
+                                calibration_sweeps, synthesis_steps, tuple(inputs[0].shape[1:]), calibration_groups,
+                                calibration_steps)
         the_plan = calibrated.updated_plan(the_plan)
     clock.append(time.perf_counter())
     drift = None
@@ -134,14 +137,15 @@ def convert(
 
 
 def _calibrate(original: nn.Module, converted: nn.Module, plan: Plan, calibration: Any, fit: str, sweeps: int,
-               synthesis_steps: int, input_size: tuple[int, ...], groups: str | None) -> CalibrationResult:
+               synthesis_steps: int, input_size: tuple[int, ...], groups: str | None,
+               steps: int) -> CalibrationResult:
     """``calibration``: data (anything load_inputs takes) or ``"data-free"``."""
     if isinstance(calibration, str) and calibration == "data-free":
         started = time.perf_counter()
         synthetic = synthesize_inputs(original, steps=synthesis_steps, input_size=input_size)
         result = calibrate(original, converted, synthetic, plan=plan, fit=fit, sweeps=sweeps, groups=groups,
-                           source="data-free (synthesised from BatchNorm running statistics)")
+                           steps=steps, source="data-free (synthesised from BatchNorm running statistics)")
         synthesis = {"samples": int(synthetic.shape[0]), "steps": synthesis_steps,
                      "seconds": time.perf_counter() - started}
         return dataclasses.replace(result, synthesis=synthesis)
-    return calibrate(original, converted, calibration, plan=plan, fit=fit, sweeps=sweeps, groups=groups)
+    return calibrate(original, converted, calibration, plan=plan, fit=fit, sweeps=sweeps, groups=groups, steps=steps)
