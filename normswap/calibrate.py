@@ -644,15 +644,24 @@ def _fit_site(
         return site.original.forward(part).detach().float()
 
     chunks = [slice(i, i + 64) for i in range(0, len(inp), 64)]
-    scale = sum(float(target(original_input[c]).pow(2).sum()) for c in chunks) / max(
-        sum(original_input[c].numel() for c in chunks), 1)
-    scale = max(scale, 1e-12)
+    count = max(original_input.numel(), 1)
+
+    def squared_sums() -> tuple[float, float]:
+        """Sums of the squared error and of the squared target over the whole set."""
+        err = size = 0.0
+        for c in chunks:
+            t = target(original_input[c])
+            err += float((run(inp[c]).float() - t).pow(2).sum())
+            size += float(t.pow(2).sum())
+        return err, size
+
+    first_sum, target_sum = squared_sums()
+    scale = max(target_sum / count, 1e-12)
 
     def error() -> float:
-        total = sum(float((run(inp[c]).float() - target(original_input[c])).pow(2).sum()) for c in chunks)
-        return total / original_input.numel() / scale
+        return squared_sums()[0] / count / scale
 
-    first = error()
+    first = first_sum / count / scale
     _least_squares_start(module, head, inp, site, original_input, error, first)
     trainable = [p.requires_grad for _, p in params]
     generator = torch.Generator().manual_seed(seed)

@@ -153,7 +153,6 @@ def activation_only(state: NormState) -> nn.Module:
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
 
-
 def _unfoldable(site: Site) -> str:
     """Why the BatchNorm's numbers cannot be folded into its producer ('' when they can)."""
     if site.kind != "module":
