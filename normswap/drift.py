@@ -2,9 +2,10 @@
 
 One pass over the inputs compares the final outputs leaf by leaf and, at every converted site, the
 activation after the site (cumulative drift, against the original model's activation at the same
-path) and the site's own error (local drift: the converted layer against the original layer on the
-same input). Statistics are streamed, so memory stays bounded: original activations are held for one
-batch and, when they would exceed ``activation_budget`` bytes, for a group of sites at a time.
+path) and the site's own error (local drift: the converted layer, with the conv/linear that feeds only
+it, against the original ones on the same input). Statistics are streamed, so memory stays bounded:
+original activations are held for one batch and, when they would exceed ``activation_budget`` bytes,
+for a group of sites at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .checks import batch_dependence, count_parameters, first_tensor
 from .data import InputSet, load_inputs
 from .errors import DataError, NormswapError
 from .tracing import model_state_guard
-from .types import DriftReport, ModelStats, OutputDrift, Plan, SiteDrift
+from .types import DriftReport, ModelStats, OutputDrift, Plan, Site, SiteDrift
 
 DEFAULT_ACTIVATION_BUDGET = 1 << 30
 
@@ -136,7 +137,7 @@ def site_specs(original: nn.Module, converted: nn.Module, plan: Plan | None) -> 
         for e in plan.conversions:
             if e.site.path not in converted_modules:
                 continue
-            chain = (str(e.options["producer"]), e.site.path) if e.target == "fold" else (e.site.path,)
+            chain = _local_chain(e.site, original_modules, converted_modules)
             shape = e.site.input_shape or ()
             per_sample = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 0
             specs.append(
@@ -154,6 +155,17 @@ def site_specs(original: nn.Module, converted: nn.Module, plan: Plan | None) -> 
         if path and old is not None and type(old) is not type(module) and not list(module.children()):
             specs.append(_SiteSpec(path, type(module).__name__, (path,), True, 0))
     return specs
+
+
+def _local_chain(site: Site, original: dict[str, nn.Module], converted: dict[str, nn.Module]) -> tuple[str, ...]:
+    """The modules whose error is the site's own: the site, with the conv/linear that feeds only it, as
+    folding, ``standardize`` and calibration's ``reconstruct`` rewrite that producer too (measuring the site
+    alone on a rewritten producer's output compares different quantities). Unchanged producers cost
+    nothing: both models compute the same thing there."""
+    producer = site.producer
+    if producer and site.producer_exclusive and producer in original and producer in converted:
+        return (producer, site.path)
+    return (site.path,)
 
 
 def _groups(specs: list[_SiteSpec], batch: int, budget: int) -> list[list[_SiteSpec]]:

@@ -235,3 +235,20 @@ def test_validation_leaves_both_models_as_they_were(resnet):
     normswap.validate(model, converted, x)
     assert (model_fingerprint(model), model_fingerprint(converted)) == before
     assert converted.training and all(isinstance(m, nn.Module) for m in converted.modules())
+
+
+@pytest.mark.parametrize("transfer", ["standardize", "statistics"])
+def test_local_drift_includes_a_rewritten_producer(transfer):
+    """standardize (like fold and reconstruct) rewrites the conv feeding the site; the site's own error is
+    then that conv and the site together, which in a one-site model is the output error itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-2, 2)
+        model[1].running_var.uniform_(0.5, 4)
+    x = torch.randn(6, 3, 10, 10)
+    recipe = {"rules": [{"name": "ln", "target": "layernorm-chw", "options": {"transfer": transfer}}]}
+    drift = normswap.convert(model, recipe, x[:1], data=x).report.drift
+    (site,) = drift.sites
+    assert site.local_relative_l2 == pytest.approx(drift.headline.relative_l2, rel=1e-5)
+    assert site.relative_l2 == pytest.approx(drift.headline.relative_l2, rel=1e-5)
