@@ -68,7 +68,7 @@ def depth_plot(drift: DriftReport) -> str:
     parts.append(f'<text x="{_W / 2 - 80}" y="{_H - 10}">converted sites in execution order →</text>')
     parts.append(
         f'<text x="{_W - 250}" y="16" fill="{colours["cumulative"]}">● cumulative rel L2 (vs original)</text>'
-        f'<text x="{_W - 250}" y="32" fill="{colours["local"]}">● local rel L2 (the site, with the conv feeding only it)</text>'
+        f'<text x="{_W - 250}" y="32" fill="{colours["local"]}">● local rel L2 (site + its own conv)</text>'
     )
     parts.append("</svg>")
     return "".join(parts)
