@@ -15,9 +15,9 @@ over the data, whatever the site count.
 ``fit="reconstruct"`` goes further (BRECQ-style block reconstruction, from post-training quantization):
 site by site in execution order, the converted layer's affine *and* the conv/linear that feeds it
 (when the plan says it feeds only this site) are fitted by a few Adam steps to reproduce the original
-site's output, on the converted network's own upstream activations. Cost: one original and one
-converted forward over the data (more only when the stored targets exceed a memory budget), plus the
-local steps.
+site's output, on the converted network's own upstream activations. Cost: the fit takes one original
+and one converted forward over the data (more only when the stored targets exceed a memory budget)
+plus the local steps; the never-worse check adds one original and two converted forwards.
 
 Without data, :func:`synthesize_inputs` makes inputs whose per-layer batch statistics match the
 original's BatchNorm running statistics (DeepInversion / ZeroQ style), before those statistics are
