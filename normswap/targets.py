@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError, RecipeError, unknown_name
-from .layers import ChannelLayerNorm, FrozenBatchNorm
+from .layers import ChannelLayerNorm, FrozenBatchNorm, GroupRMSNorm, GroupRMSNormAct
 from .tracing import set_mode
 from .transfer import (
     TRANSFERS,
@@ -184,6 +184,8 @@ class _GroupStatNorm(Target):
     """Targets that normalize by per-sample statistics over groups of channels."""
 
     options: ClassVar[Mapping[str, Option]] = {"transfer": _TRANSFER_OPTION, "eps": _EPS_OPTION}
+    # Whether the norm subtracts the group mean (all but the RMS norms do).
+    centres: ClassVar[bool] = True
 
     def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
         self.check_layout(site)
@@ -234,6 +236,7 @@ class _GroupStatNorm(Target):
             [options["transfer"] for _, _, options in items],
             [self.groups(site, options) for site, _, options in items],
             [norm_eps(state, options) for _, state, options in items],
+            [self.centres] * len(items),
         )
         built = []
         for (site, state, options), affine in zip(items, affines, strict=True):
@@ -335,6 +338,21 @@ class LayerNormCHWTarget(_GroupStatNorm):
 
             return GroupNorm1Act(site.num_features, eps=eps, affine=options["affine"], apply_act=False)
         return nn.GroupNorm(1, site.num_features, eps=eps, affine=options["affine"])
+
+
+class RMSNormCHWTarget(_GroupStatNorm):
+    name = "rmsnorm-chw"
+    description = (
+        "RMSNorm over C×H×W (all of a sample), per-channel affine: LayerNorm over C×H×W without the centring"
+    )
+    centres = False
+
+    def groups(self, site: Site, options: Mapping[str, Any]) -> int:
+        return 1
+
+    def make(self, site: Site, state: NormState, options: Mapping[str, Any]) -> nn.Module:
+        layer = GroupRMSNormAct if state.act is not None else GroupRMSNorm
+        return layer(1, site.num_features, eps=norm_eps(state, options), affine=options["affine"])
 
 
 _INSTANCE_NORMS: dict[str, type[nn.Module]] = {
@@ -467,6 +485,7 @@ for _t in (
     GroupNormTarget(),
     LayerNormTarget(),
     LayerNormCHWTarget(),
+    RMSNormCHWTarget(),
     InstanceNormTarget(),
     FrozenTarget(),
     FoldTarget(),

@@ -122,7 +122,9 @@ def affine_copy(state: NormState) -> tuple[torch.Tensor, torch.Tensor]:
     return weight.clone(), bias.clone()
 
 
-def statistics_aware_affine(state: NormState, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def statistics_aware_affine(
+    state: NormState, groups: int, eps: float, centred: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Affine for a group-statistics norm (GroupNorm, LayerNorm, InstanceNorm) whose expected output
     equals the eval-mode BatchNorm's.
 
@@ -143,19 +145,25 @@ def statistics_aware_affine(state: NormState, groups: int, eps: float) -> tuple[
     so :math:`y' = y` whenever a sample's group moments equal their expectations. With one channel per
     group (InstanceNorm) :math:`m_g = \mu_c` and :math:`v_g = \sigma_c^2`, and it reduces to the affine copy:
     the running variance mixes between-sample and within-sample spread, which the statistics cannot
-    separate. Computed in float64, returned in the layer's dtype.
+    separate. A norm that does not centre (``centred=False``, :class:`~normswap.layers.GroupRMSNorm`)
+    divides by the root mean square instead: :math:`m_g = 0` and :math:`v_g` is the group's mean of
+    :math:`\sigma_c^2 + \mu_c^2`. Computed in float64, returned in the layer's dtype.
     """
-    return statistics_aware_affines([state], [groups], [eps])[0]
+    return statistics_aware_affines([state], [groups], [eps], [centred])[0]
 
 
 def statistics_aware_affines(
-    states: Sequence[NormState], groups: Sequence[int], eps: Sequence[float]
+    states: Sequence[NormState],
+    groups: Sequence[int],
+    eps: Sequence[float],
+    centred: Sequence[bool] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`statistics_aware_affine` for many sites at once: one computation over all their channels
     (per device), where one per site cost a tenth of a small network's conversion in NumPy's and
     torch's per-call overhead."""
+    centres = [True] * len(states) if centred is None else list(centred)
     return _per_device(states, lambda ix: _statistics_aware_on_one_device(
-        [states[i] for i in ix], [groups[i] for i in ix], [eps[i] for i in ix]
+        [states[i] for i in ix], [groups[i] for i in ix], [eps[i] for i in ix], [centres[i] for i in ix]
     ))
 
 
@@ -172,7 +180,7 @@ def _per_device(states: Sequence[NormState], run: Callable[[list[int]], list[R]]
 
 
 def _statistics_aware_on_one_device(
-    states: list[NormState], groups: list[int], eps: list[float]
+    states: list[NormState], groups: list[int], eps: list[float], centred: list[bool]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     for state in states:
         assert state.running_mean is not None and state.running_var is not None  # resolve_transfer guarantees
@@ -185,7 +193,7 @@ def _statistics_aware_on_one_device(
     gamma = _float64_concat([state.weight if state.weight is not None else _filled(state, 1.0) for state in states])
     beta = _float64_concat([state.bias if state.bias is not None else _filled(state, 0.0) for state in states])
     s_c = np.sqrt(var + np.repeat([state.eps for state in states], sizes))
-    m_g = np.add.reduceat(mu, starts) / per_group
+    m_g = np.add.reduceat(mu, starts) / per_group * np.repeat(np.asarray(centred, dtype=np.float64), group_counts)
     v_g = np.maximum(np.add.reduceat(var + mu * mu, starts) / per_group - m_g * m_g, 0)
     t_g = np.sqrt(v_g + np.repeat(np.asarray(eps, dtype=np.float64), group_counts))
     weight = gamma * np.repeat(t_g, per_group) / s_c
@@ -226,7 +234,11 @@ def _as_layer_tensor(values: np.ndarray, state: NormState) -> torch.Tensor:
 
 
 def transferred_affines(
-    states: Sequence[NormState], transfers: Sequence[str], groups: Sequence[int], eps: Sequence[float]
+    states: Sequence[NormState],
+    transfers: Sequence[str],
+    groups: Sequence[int],
+    eps: Sequence[float],
+    centred: Sequence[bool] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Each new layer's (weight, bias) for its resolved transfer; None leaves the fresh initialisation.
     The statistics-aware ones are computed together; ``standardize`` is the statistics-aware affine of
@@ -236,7 +248,10 @@ def transferred_affines(
     ]
     aware = [i for i, transfer in enumerate(transfers) if transfer in ("statistics", "standardize")]
     seen = [standardized_state(states[i]) if transfers[i] == "standardize" else states[i] for i in aware]
-    pairs = statistics_aware_affines(seen, [groups[i] for i in aware], [eps[i] for i in aware])
+    centres = [True] * len(states) if centred is None else list(centred)
+    pairs = statistics_aware_affines(
+        seen, [groups[i] for i in aware], [eps[i] for i in aware], [centres[i] for i in aware]
+    )
     for i, pair in zip(aware, pairs, strict=True):
         out[i] = pair
     return out

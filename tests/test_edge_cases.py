@@ -86,7 +86,7 @@ def test_sequence_batchnorm1d_becomes_layernorm_at_each_step():
     assert raw.mean(1).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("recipe", ["small-batch", "dp", "layernorm", "layernorm-chw", "detection"])
+@pytest.mark.parametrize("recipe", ["small-batch", "dp", "layernorm", "layernorm-chw", "rmsnorm-chw", "detection"])
 def test_batchnorm_variants_convert(recipe):
     torch.manual_seed(0)
     model = Variants().eval()
@@ -218,6 +218,48 @@ def test_standardize_transfer_folds_the_statistics_into_the_producer():
     replayed.load_state_dict(converted.state_dict())
     with torch.no_grad():
         assert torch.equal(replayed(x), converted(x))
+
+
+@pytest.mark.parametrize("transfer", ["statistics", "standardize"])
+def test_rmsnorm_chw_reproduces_batchnorm_in_expectation_and_keeps_the_sample_mean(transfer):
+    """RMSNorm over C×H×W divides each sample by its root mean square and subtracts nothing. Its
+    transfers (statistics-aware, or standardize: folded into the conv) reproduce BatchNorm exactly on a
+    sample whose per-channel moments are the running statistics, as the centring norms' do."""
+    from normswap.layers import GroupRMSNorm
+
+    torch.manual_seed(0)
+    c = 16
+    model = nn.Sequential(nn.Conv2d(3, c, 3), nn.BatchNorm2d(c), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        model[0].bias.copy_(torch.linspace(-1, 2, c))  # channel means far from 0
+        z = model[0](x)
+        model[1].running_mean.copy_(z.mean((0, 2, 3)))
+        model[1].running_var.copy_(z.var((0, 2, 3), unbiased=False))
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    recipe = {"rules": [{"name": "rms", "target": "rmsnorm-chw", "options": {"transfer": transfer, "eps": 2.0}}]}
+    conversion = normswap.convert(model, recipe, x)
+    layer = conversion.model[1]
+    assert isinstance(layer, GroupRMSNorm) and layer.num_groups == 1 and layer.eps == 2.0
+    with torch.no_grad():
+        assert relative_error(model(x), conversion.model(x)) < 1e-4
+        # Per sample: a sample scaled up is normalized back (eps is small against its mean square)...
+        bare = GroupRMSNorm(1, c, eps=1e-8, affine=False)
+        assert relative_error(bare(z), bare(7.0 * z)) < 1e-5
+        # ...and its mean over C×H×W survives, where LayerNorm's would be 0.
+        assert float(bare(z).mean()) > 0.3
+        # A channels-last model stays channels-last.
+        last = bare(z.contiguous(memory_format=torch.channels_last))
+        assert last.is_contiguous(memory_format=torch.channels_last) and relative_error(bare(z), last) < 1e-6
+        assert normswap.batch_dependence(conversion.model, torch.randn(4, 3, 12, 12)) < 1e-6
+    replayed = normswap.apply_plan(model, normswap.Plan.from_json(conversion.plan.to_json()))
+    replayed.load_state_dict(conversion.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(replayed(x), conversion.model(x))
+    # Planning the converted model again sees the new layer as a norm of its own, not a site.
+    again = normswap.plan(conversion.model, "small-batch", x)
+    assert not again.entries and [o.path for o in again.other_norms] == ["1"]
 
 
 def test_norm_eps_option_is_used_by_the_layer_and_its_transfer():
@@ -354,7 +396,7 @@ def test_the_model_runs_only_when_a_layout_depends_on_it():
 AFFINE_COPY = {"rules": [{"name": "gn-affine", "target": "groupnorm", "options": {"transfer": "affine"}}]}
 
 
-@pytest.mark.parametrize("recipe", ["small-batch", "freeze", "fold", "layernorm-chw", AFFINE_COPY])
+@pytest.mark.parametrize("recipe", ["small-batch", "freeze", "fold", "layernorm-chw", "rmsnorm-chw", AFFINE_COPY])
 def test_converted_model_shares_no_tensor_with_the_original(recipe):
     """The copy borrows the replaced BatchNorms' tensors while it is built (they are read, never kept):
     none may end up in the converted model, and training it must leave the original alone."""

@@ -16,6 +16,7 @@ SHIPPED = {
     "sequence",
     "layernorm",
     "layernorm-chw",
+    "rmsnorm-chw",
     "style-transfer",
     "detection",
     "dp",

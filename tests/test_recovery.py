@@ -14,6 +14,7 @@ from torch import nn
 
 import normswap
 
+from .conftest import relative_error
 from .models import trained_stats
 
 
@@ -124,6 +125,22 @@ def test_progressive_transition_starts_exact_moves_smoothly_and_finalizes():
     assert not any(isinstance(m, (nn.BatchNorm2d, normswap.ProgressiveNorm)) for m in final.modules())
     with torch.no_grad():
         assert torch.allclose(final.eval()(data), outputs[-1], atol=1e-6)
+
+
+def test_progressive_transition_from_a_standardized_conversion_starts_at_the_original():
+    """pretrained-small-batch folds BatchNorm's statistics into the conv before each site; the frozen
+    start must then not apply them a second time."""
+    from normswap.layers import GroupRMSNorm
+
+    model, data = small_cnn()
+    transition = normswap.progressive(model, "pretrained-small-batch", steps=2, example_inputs=data[:1])
+    assert {e.options["transfer"] for e in transition.plan.conversions} == {"standardize"}
+    with torch.no_grad():
+        reference = model(data)
+        assert relative_error(transition.model.eval()(data), reference) < 1e-5
+    final = transition.finalize()
+    assert sum(isinstance(m, GroupRMSNorm) for m in final.modules()) == 2
+    assert not any(isinstance(m, (nn.BatchNorm2d, normswap.ProgressiveNorm)) for m in final.modules())
 
 
 def test_transition_callback_drives_a_training_loop():
@@ -304,23 +321,27 @@ def test_statistics_fit_chooses_structure_only_and_keeps_the_transfer():
         normswap.calibrate(model, plain.model, calibration, fit="statistics")
 
 
-STANDARDIZED = {"rules": [
-    {"name": "images", "match": {"layouts": ["image"]}, "target": "layernorm-chw",
-     "options": {"transfer": "standardize", "eps": 1.0}},
-    {"name": "features", "target": "layernorm", "options": {"transfer": "standardize"}},
-]}
+def standardized(image_target: str) -> dict:
+    return {"rules": [
+        {"name": "images", "match": {"layouts": ["image"]}, "target": image_target,
+         "options": {"transfer": "standardize", "eps": 1.0}},
+        {"name": "features", "target": "layernorm", "options": {"transfer": "standardize"}},
+    ]}
 
 
-def test_reconstruction_refits_each_site_with_its_conv_and_generalises():
+@pytest.mark.parametrize("image_target", ["layernorm-chw", "rmsnorm-chw"])
+def test_reconstruction_refits_each_site_with_its_conv_and_generalises(image_target):
     from .conftest import model_fingerprint
 
     model, data = small_cnn()
     calibration, held = data[:64], data[64:]
     before = model_fingerprint(model)
-    plain = normswap.convert(model, STANDARDIZED, data[:1], validate=False)
+    recipe = standardized(image_target)
+    plain = normswap.convert(model, recipe, data[:1], validate=False)
     assert [e.options["transfer"] for e in plain.plan.conversions] == ["standardize"] * 3
-    least_squares = normswap.convert(model, STANDARDIZED, data[:1], validate=False, calibration=calibration)
-    rebuilt = normswap.convert(model, STANDARDIZED, data[:1], validate=False, calibration=calibration,
+    assert [e.target for e in plain.plan.conversions] == [image_target, image_target, "layernorm"]
+    least_squares = normswap.convert(model, recipe, data[:1], validate=False, calibration=calibration)
+    rebuilt = normswap.convert(model, recipe, data[:1], validate=False, calibration=calibration,
                                calibration_fit="reconstruct")
     info = rebuilt.report.calibration
     assert info["fit"] == "reconstruct" and info["kept_sweeps"] == 1 and len(info["calibrated"]) == 3
@@ -355,8 +376,9 @@ def test_reconstruction_in_memory_bounded_passes_gives_the_same_model(monkeypatc
     monkeypatch.setattr(calibration_module, "_original_inputs", counted)
     for budget in (calibration_module.RECONSTRUCTION_MEMORY, 1):
         monkeypatch.setattr(calibration_module, "RECONSTRUCTION_MEMORY", budget)
-        converted = normswap.convert(model, STANDARDIZED, data[:1], validate=False).model
-        normswap.calibrate(model, converted, data[:48], plan=normswap.plan(model, STANDARDIZED, data[:1]),
+        recipe = standardized("layernorm-chw")
+        converted = normswap.convert(model, recipe, data[:1], validate=False).model
+        normswap.calibrate(model, converted, data[:48], plan=normswap.plan(model, recipe, data[:1]),
                            fit="reconstruct", steps=10)
         models.append(converted)
     assert len(calls) == 1 + 3
@@ -367,7 +389,7 @@ def test_reconstruction_in_memory_bounded_passes_gives_the_same_model(monkeypatc
 def test_reconstruction_that_hurts_the_outputs_is_undone(monkeypatch):
     calibration_module = importlib.import_module("normswap.calibrate")
     model, data = small_cnn()
-    conversion = normswap.convert(model, STANDARDIZED, data[:1], validate=False)
+    conversion = normswap.convert(model, standardized("layernorm-chw"), data[:1], validate=False)
     before = {k: v.clone() for k, v in conversion.model.state_dict().items()}
 
     def wreck(site, head, params, *args, **kwargs):

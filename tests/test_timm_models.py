@@ -59,6 +59,27 @@ def test_freeze_is_exact_in_train_mode_too(name, timm_model_factory):
     assert normswap.batch_dependence(converted, x) < 1e-5
 
 
+def test_pretrained_small_batch_on_efficientnet_keeps_activations_and_reloads(timm_model_factory, tmp_path):
+    """RMSNorm over C×H×W in place of every BatchNormAct2d, the conv before it standardized; the saved
+    conversion (plan + weights) reloads onto a fresh model bit for bit."""
+    import timm
+
+    from normswap.layers import GroupRMSNormAct
+
+    model, x = timm_model_factory("efficientnet_b0")
+    conversion = normswap.convert(model, "pretrained-small-batch", x[:1], batch_size=2)
+    converted = conversion.model
+    assert batchnorm_left(converted) == []
+    assert isinstance(converted.bn1, GroupRMSNormAct) and converted.bn1.eps == 10.0
+    assert type(converted.bn1.act) is type(model.bn1.act)
+    assert converted.conv_stem.bias is not None and model.conv_stem.bias is None  # standardized copy only
+    assert normswap.batch_dependence(converted, x) < 1e-5
+    normswap.save(conversion, tmp_path / "out", model_spec={"timm": "efficientnet_b0"})
+    reloaded = normswap.load(tmp_path / "out", timm.create_model("efficientnet_b0", pretrained=False))
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), reloaded.eval()(x))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "levit_128s"])
 def test_plan_round_trips_and_saved_conversion_reloads_bit_exactly(name, timm_model_factory, tmp_path):
     import timm
