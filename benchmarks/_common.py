@@ -216,6 +216,17 @@ def write_section(section: str, text: str, path: Path = BENCHMARKS_MD) -> None:
     normswap.io.write_text_atomic(path, content)
 
 
+def publish(section: str, text: str, raw: Path, write: bool) -> None:
+    """Print a benchmark's rendered table and where its raw numbers are; with ``write``, also put the
+    table into its section of BENCHMARKS.md."""
+    print()
+    print(text)
+    print(f"\nraw results: {raw}")
+    if write:
+        write_section(section, text)
+        print(f"BENCHMARKS.md: {section} section rewritten")
+
+
 def pct(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{100 * v:.{digits}f}"
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import normswap  # noqa: E402
-from _common import RESULTS, clock, command_line, machine, save_json, seed_all, versions, write_section  # noqa: E402
+from _common import RESULTS, clock, command_line, machine, publish, save_json, seed_all, versions  # noqa: E402
 from digits import DigitsNet, load_data, train_labels  # noqa: E402
 from normswap.recipes import load_recipe  # noqa: E402
 
@@ -177,13 +177,7 @@ def main() -> None:
             "runs": [run_seed(args, seed) for seed in args.seeds],
         }
         path = save_json(args.json, result)
-    text = render(result)
-    print()
-    print(text)
-    print(f"\nraw results: {path}")
-    if args.write:
-        write_section(SECTION, text)
-        print("BENCHMARKS.md: batch2 section rewritten")
+    publish(SECTION, render(result), path, args.write)
 
 
 if __name__ == "__main__":

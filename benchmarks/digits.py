@@ -52,7 +52,7 @@ from _common import (  # noqa: E402
     seed_all,
     small_batch_recipe,
     versions,
-    write_section,
+    publish,
 )
 
 SECTION = "digits"
@@ -611,13 +611,7 @@ def main() -> None:
     else:
         result = run(args)
         path = save_json("digits.json", result)
-    text = render(result)
-    print()
-    print(text)
-    print(f"\nraw results: {path}")
-    if args.write:
-        write_section(SECTION, text)
-        print("BENCHMARKS.md: digits section rewritten")
+    publish(SECTION, render(result), path, args.write)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from _common import (  # noqa: E402
     small_batch_recipe,
     versions,
 )
-from _common import write_section as _write_section  # noqa: E402
+from _common import publish  # noqa: E402
 
 SECTION = "lite1"
 MODEL = "tf_efficientnet_lite1"
@@ -889,13 +889,7 @@ def main() -> None:
     else:
         result = run(args)
         path = save_json(args.json, result)
-    text = render(result)
-    print()
-    print(text)
-    print(f"\nraw results: {path}")
-    if args.write:
-        _write_section(SECTION, text)
-        print("BENCHMARKS.md: lite1 section rewritten")
+    publish(SECTION, render(result), path, args.write)
 
 
 if __name__ == "__main__":
