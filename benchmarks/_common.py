@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import normswap
 import normswap.io
+from normswap.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -36,6 +37,15 @@ def api(name: str) -> Callable[..., Any] | None:
 
 def missing_note(name: str) -> str:
     return f"skipped: `normswap.{name}` does not exist in this checkout yet"
+
+
+def pretrained_small_batch_with(target: str, eps: float) -> dict[str, Any]:
+    """The shipped ``pretrained-small-batch`` recipe with its image rule's target and eps replaced."""
+    recipe = load_recipe("pretrained-small-batch").to_dict()
+    for rule in recipe["rules"]:
+        if "image" in rule["match"].get("layouts", []):
+            rule["target"], rule["options"]["eps"] = target, float(eps)
+    return recipe
 
 
 def small_batch_recipe(transfer: str, groups: int = 32, eps: float | None = None) -> dict[str, Any]:

@@ -28,20 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import normswap  # noqa: E402
-from _common import RESULTS, clock, command_line, machine, publish, save_json, seed_all, versions  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    clock,
+    command_line,
+    machine,
+    pretrained_small_batch_with,
+    publish,
+    save_json,
+    seed_all,
+    versions,
+)
 from digits import DigitsNet, load_data, train_labels  # noqa: E402
-from normswap.recipes import load_recipe  # noqa: E402
 
 SECTION = "batch2"
-
-
-def pretrained_small_batch_with(target: str, eps: float) -> dict[str, Any]:
-    """The shipped ``pretrained-small-batch`` recipe with its image rule's target and eps replaced."""
-    recipe = load_recipe("pretrained-small-batch").to_dict()
-    for rule in recipe["rules"]:
-        if "image" in rule["match"].get("layouts", []):
-            rule["target"], rule["options"]["eps"] = target, float(eps)
-    return recipe
 
 
 # name → (recipe or None for the untouched BatchNorm network, how it was made)

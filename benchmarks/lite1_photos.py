@@ -59,6 +59,7 @@ from _common import (  # noqa: E402
     save_json,
     secs,
     seed_all,
+    pretrained_small_batch_with,
     small_batch_recipe,
     versions,
 )
@@ -70,17 +71,6 @@ FITS = ("least-squares", "moments", "blend")
 SEARCHED = "searched"  # calibration with groups="search"
 # The per-sample norms the `standardize` rows compare (the shipped recipe's image rule uses one of them).
 STANDARDIZE_TARGETS = {"layernorm-chw": "LayerNorm over C×H×W", "rmsnorm-chw": "RMSNorm over C×H×W"}
-SHIPPED = load_recipe("pretrained-small-batch").to_dict()
-
-
-def standardize_recipe(target: str, eps: float) -> dict[str, Any]:
-    """``pretrained-small-batch`` with its image rule's target and eps replaced."""
-    recipe = copy.deepcopy(SHIPPED)
-    for rule in recipe["rules"]:
-        if "image" in rule["match"].get("layouts", []):
-            rule["target"] = target
-            rule["options"]["eps"] = float(eps)
-    return recipe
 CONFIDENT = 0.3  # the original's top-1 probability above which a held-out view counts as confident
 
 # (name, group): photos of one group stay on one side of the split.
@@ -461,27 +451,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"fit='reconstruct', steps={args.reconstruct_steps}, lr={args.reconstruct_lr:g}, "
         f"batch_size={args.reconstruct_batch}"
     )
+
+    def refit(fit: str, standardized: dict[str, Any], keep_as: str = "", **options: Any) -> Any:
+        """A calibrated copy of the standardized model; ``keep_as`` names it as a recovery start."""
+        conversion = standardized["conversion"]
+        model = copy.deepcopy(conversion.model)
+        result = normswap.calibrate(original, model, calib_x, plan=conversion.plan, fit=fit, **options)
+        if keep_as:
+            calibrated[keep_as] = model
+            plans[keep_as] = conversion.plan
+        return model, {"calibration": result.to_dict()}
+
     for target in args.standardize_targets if args.reconstruct_steps > 0 else ():
         standardized: dict[str, Any] = {}
+        recipe = pretrained_small_batch_with(target, std_eps)
 
-        def standardize(target: str = target, standardized: dict[str, Any] = standardized) -> Any:
-            standardized["conversion"] = normswap.convert(
-                original, standardize_recipe(target, std_eps), example_inputs=example, validate=False, batch_size=2
-            )
+        def standardize(recipe: dict[str, Any] = recipe, standardized: dict[str, Any] = standardized) -> Any:
+            standardized["conversion"] = normswap.convert(original, recipe, example_inputs=example, validate=False,
+                                                          batch_size=2)
             return standardized["conversion"].model
 
-        def reconstruct(target: str = target, standardized: dict[str, Any] = standardized) -> Any:
-            conversion = standardized["conversion"]
-            model = copy.deepcopy(conversion.model)
-            result = normswap.calibrate(
-                original, model, calib_x, plan=conversion.plan, batch_size=args.reconstruct_batch,
-                **reconstruct_options, fit="reconstruct",
-            )
-            calibrated[f"reconstruct:{target}"] = model
-            plans[f"reconstruct:{target}"] = conversion.plan
-            return model, {"calibration": result.to_dict()}
-
-        shipped = " (the `pretrained-small-batch` recipe)" if standardize_recipe(target, std_eps) == SHIPPED else ""
+        is_shipped = recipe == load_recipe("pretrained-small-batch").to_dict()
+        shipped = " (the `pretrained-small-batch` recipe)" if is_shipped else ""
         bench.record(
             f"normswap `standardize`, {STANDARDIZE_TARGETS[target]}, eps {std_eps:g}",
             f"images → `{target}`, features → `layernorm`, transfer='standardize' (each BatchNorm's (x − μ)/s folded "
@@ -490,27 +481,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         if "conversion" not in standardized:
             continue
-
-        def least_squares(standardized: dict[str, Any] = standardized) -> Any:
-            conversion = standardized["conversion"]
-            model = copy.deepcopy(conversion.model)
-            result = normswap.calibrate(
-                original, model, calib_x, plan=conversion.plan, fit="least-squares", batch_size=args.calibration_batch
-            )
-            return model, {"calibration": result.to_dict()}
-
         bench.record(
             f"+ calibrate `least-squares` ({target})",
             f"the `standardize` {target} model above, then `calibrate(original, converted, {len(calib_x)} "
             "calibration views, fit='least-squares')`: the norm affines only",
-            least_squares,
+            lambda standardized=standardized: refit("least-squares", standardized, batch_size=args.calibration_batch),
             needs=("calibrate",),
         )
         bench.record(
             f"+ calibrate `reconstruct` ({target})",
             f"the `standardize` {target} model above, then `calibrate(original, converted, {len(calib_x)} "
             f"calibration views, {reconstruct_call})`: each site's affine and its conv refitted in execution order",
-            reconstruct,
+            lambda standardized=standardized, target=target: refit(
+                "reconstruct", standardized, f"reconstruct:{target}", batch_size=args.reconstruct_batch,
+                **reconstruct_options,
+            ),
             needs=("calibrate",),
         )
         if args.synth_steps > 0:

@@ -74,8 +74,9 @@ def views(model: torch.nn.Module, names: tuple[str, ...], per_photo: int, seed: 
 def run_real(output: Path, per_photo: int = 6, recover_steps: int = 0, console: Any = None) -> Any:
     """Convert pretrained EfficientNet-Lite1 for a batch of 2 with the ``pretrained-small-batch`` recipe,
     optionally recover by distillation on augmented views of five photos, and validate on views of four
-    other photos. No calibration: on so few photos the fits we tried made this conversion worse on other photos
-    (it fits the calibration views; BENCHMARKS.md), and the never-worse check only sees those views."""
+    other photos. No calibration: on so few photos the fits we tried made this conversion worse on
+    other photos (they fit the calibration views; BENCHMARKS.md), and the never-worse check only sees
+    those views."""
     from . import api, io
     from .recover import ImageAugment, recover
 

@@ -24,7 +24,7 @@ from .apply import apply_plan as _apply
 from .errors import PlanError, unknown_name
 from .layers import FrozenBatchNorm
 from .tracing import module_aliases
-from .transfer import NormState, standardized_state
+from .transfer import NormState, state_after
 from .types import Plan
 
 SCHEDULES = ("linear", "cosine")
@@ -162,10 +162,8 @@ def progressive(
         if not entry.site.has_running_stats:
             skipped[path] = "no running statistics to start from"
             continue
-        state = NormState.from_module(originals[path])
-        if entry.options.get("transfer") == "standardize":
-            # The conversion folded (x − μ)/s into the producer, so the frozen start must not apply it again.
-            state = standardized_state(state)
+        # After `standardize` the producer already applies (x − μ)/s: the frozen start must not again.
+        state = state_after(NormState.from_module(originals[path]), entry.options["transfer"])
         new = converted.get_submodule(path)
         drop, act = _detach_activation(new)
         blend = ProgressiveNorm(_frozen_from(state), new, drop, act).train(new.training)

@@ -238,7 +238,7 @@ def transferred_affines(
     transfers: Sequence[str],
     groups: Sequence[int],
     eps: Sequence[float],
-    centred: Sequence[bool] | None = None,
+    centred: Sequence[bool],
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Each new layer's (weight, bias) for its resolved transfer; None leaves the fresh initialisation.
     The statistics-aware ones are computed together; ``standardize`` is the statistics-aware affine of
@@ -247,14 +247,21 @@ def transferred_affines(
         affine_copy(state) if transfer == "affine" else None for state, transfer in zip(states, transfers, strict=True)
     ]
     aware = [i for i, transfer in enumerate(transfers) if transfer in ("statistics", "standardize")]
-    seen = [standardized_state(states[i]) if transfers[i] == "standardize" else states[i] for i in aware]
-    centres = [True] * len(states) if centred is None else list(centred)
     pairs = statistics_aware_affines(
-        seen, [groups[i] for i in aware], [eps[i] for i in aware], [centres[i] for i in aware]
+        [state_after(states[i], transfers[i]) for i in aware],
+        [groups[i] for i in aware],
+        [eps[i] for i in aware],
+        [centred[i] for i in aware],
     )
     for i, pair in zip(aware, pairs, strict=True):
         out[i] = pair
     return out
+
+
+def state_after(state: NormState, transfer: str) -> NormState:
+    """The site's BatchNorm as the converted network computes it: with ``standardize`` its statistics
+    are already folded into the producer (:func:`standardized_state`), otherwise it is unchanged."""
+    return standardized_state(state) if transfer == "standardize" else state
 
 
 def standardized_state(state: NormState) -> NormState:
