@@ -452,11 +452,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"batch_size={args.reconstruct_batch}"
     )
 
-    def refit(fit: str, standardized: dict[str, Any], keep_as: str = "", **options: Any) -> Any:
-        """A calibrated copy of the standardized model; ``keep_as`` names it as a recovery start."""
+    # The never-worse check judged on whole photos the fit does not see (views of one photo on both
+    # sides would judge memorisation as success).
+    held_back_photos = CALIBRATION_PHOTOS[len(CALIBRATION_PHOTOS) - args.held_back_photos :]
+    held_back = torch.tensor([name in held_back_photos for name in calib_names])
+    held_back_how = (
+        f"fitted on the views of {len(CALIBRATION_PHOTOS) - len(held_back_photos)} calibration photos, "
+        f"holdout= the {int(held_back.sum())} views of the other {len(held_back_photos)} "
+        f"({', '.join(held_back_photos)}): the never-worse check judges on photos the fit did not see"
+    )
+
+    def refit(fit: str, standardized: dict[str, Any], keep_as: str = "", judged_apart: bool = False,
+              **options: Any) -> Any:
+        """A calibrated copy of the standardized model; ``keep_as`` names it as a recovery start;
+        ``judged_apart``: fitted without the held-back photos, which the never-worse check judges on."""
         conversion = standardized["conversion"]
         model = copy.deepcopy(conversion.model)
-        result = normswap.calibrate(original, model, calib_x, plan=conversion.plan, fit=fit, **options)
+        data, holdout = (calib_x[~held_back], calib_x[held_back]) if judged_apart else (calib_x, None)
+        result = normswap.calibrate(original, model, data, plan=conversion.plan, fit=fit, holdout=holdout, **options)
         if keep_as:
             calibrated[keep_as] = model
             plans[keep_as] = conversion.plan
@@ -498,6 +511,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             needs=("calibrate",),
         )
+        for fit, options in (
+            ("least-squares", {"batch_size": args.calibration_batch}),
+            ("reconstruct", {"batch_size": args.reconstruct_batch, **reconstruct_options}),
+        ) if args.held_back_photos > 0 else ():
+            bench.record(
+                f"+ calibrate `{fit}`, judged on held-back photos ({target})",
+                f"as `{fit}` above, but {held_back_how}",
+                lambda standardized=standardized, fit=fit, options=options: refit(
+                    fit, standardized, judged_apart=True, **options
+                ),
+                needs=("calibrate",),
+            )
         if args.synth_steps > 0:
             bench.record(
                 f"+ data-free calibrate `reconstruct` ({target})",
@@ -635,6 +660,8 @@ def _row_key(method: str) -> str:
         return f"{SEARCHED}:least-squares"
     if method == "+ calibrate `groups searched, statistics affine`":
         return f"{SEARCHED}:statistics"
+    if "held-back" in method:  # never a recovery start
+        return method
     if method.startswith("+ calibrate `") and method.endswith(")"):  # a standardize row: fit (target)
         return method.split("`")[1] + ":" + method.split("(")[-1].rstrip(")")
     if method.startswith("+ calibrate `"):
@@ -645,6 +672,11 @@ def _row_key(method: str) -> str:
 def _fit_label(method: str) -> str:
     """'+ calibrate `reconstruct` (rmsnorm-chw)' → 'reconstruct (rmsnorm-chw)'."""
     return method.removeprefix("+ calibrate ").replace("`", "")
+
+
+def _undone(row: dict[str, Any]) -> str:
+    """A calibration its never-worse check undid leaves the uncalibrated model: say so."""
+    return " (undone)" if (row.get("calibration") or {}).get("kept_sweeps", 1) == 0 else ""
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -679,7 +711,7 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             + _fit_label(best["method"])
             + f" {pct(best['top1_agreement'])} % ({pct((best.get('stable_views') or {}).get('top1_agreement'))} % on "
             "the stable views); per fit: "
-            + ", ".join(f"{_fit_label(r['method'])} {pct(r['top1_agreement'])} %" for r in cal),
+            + ", ".join(f"{_fit_label(r['method'])} {pct(r['top1_agreement'])} %{_undone(r)}" for r in cal),
         }
     )
     free = [r for m, r in ok.items() if m.startswith("+ data-free calibrate")]
@@ -749,7 +781,7 @@ def render(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         if r["status"] == "ok":
             lines.append(
-                f"| {r['method']} | {r['how']} | **{pct(r['top1_agreement'])}** | "
+                f"| {r['method']}{_undone(r)} | {r['how']} | **{pct(r['top1_agreement'])}** | "
                 f"{pct((r.get('confident_views') or {}).get('top1_agreement'))} | "
                 f"{pct((r.get('stable_views') or {}).get('top1_agreement'))} | {pct(r['top5_agreement'])} | "
                 f"{num(r['kl'])} | {num(r['relative_l2'])} | {secs(r['wall_s'])} | {secs(r['cpu_s'])} | "
@@ -852,6 +884,13 @@ def main() -> None:
     parser.add_argument("--reconstruct-steps", type=int, default=30, help="0: no standardize/reconstruct rows")
     parser.add_argument("--reconstruct-lr", type=float, default=1e-3)
     parser.add_argument("--reconstruct-batch", type=int, default=16)
+    parser.add_argument(
+        "--held-back-photos",
+        type=int,
+        default=3,
+        help="calibration photos held back for the never-worse check in the `judged on held-back photos` rows "
+        "(the last ones listed; 0: no such rows)",
+    )
     parser.add_argument(
         "--group-sweep",
         type=int,

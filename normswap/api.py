@@ -82,6 +82,7 @@ def convert(
     calibration_sweeps: int = 2,
     calibration_groups: str | None = None,
     calibration_steps: int = 50,
+    calibration_holdout: Any = None,
     synthesis_steps: int = 200,
     shapes: str = "auto",
     **facts: Any,
@@ -92,9 +93,11 @@ def convert(
     give data (a tensor, an image folder, a tensor file) or ``"data-free"`` to synthesise inputs from
     the BatchNorm running statistics first; ``calibration_groups="search"`` lets it also choose each
     GroupNorm's group count (the returned plan records the choice); ``calibration_steps`` are the
-    gradient steps per site of ``calibration_fit="reconstruct"``. With ``validate`` (default) the report holds a
-    :class:`~normswap.types.DriftReport` comparing the original and the converted model on ``data``,
-    or on a few synthetic samples shaped like ``example_inputs``. ``strict`` raises
+    gradient steps per site of ``calibration_fit="reconstruct"``; ``calibration_holdout`` (a fraction of
+    the calibration samples, or other data) is what calibration's never-worse check judges on. With
+    ``validate`` (default) the report holds a :class:`~normswap.types.DriftReport` comparing the
+    original and the converted model on ``data``, or on a few synthetic samples shaped like
+    ``example_inputs``. ``strict`` raises
     :class:`~normswap.drift.ValidationFailed` when ``max_drift`` or ``min_top1_agreement`` fails.
     """
     clock = [time.perf_counter()]
@@ -110,7 +113,7 @@ def convert(
     if calibration is not None:
         calibrated = _calibrate(original, applied.model, the_plan, calibration, calibration_fit,
                                 calibration_sweeps, synthesis_steps, tuple(inputs[0].shape[1:]), calibration_groups,
-                                calibration_steps)
+                                calibration_steps, calibration_holdout)
         the_plan = calibrated.updated_plan(the_plan)
     clock.append(time.perf_counter())
     drift = None
@@ -138,14 +141,16 @@ def convert(
 
 def _calibrate(original: nn.Module, converted: nn.Module, plan: Plan, calibration: Any, fit: str, sweeps: int,
                synthesis_steps: int, input_size: tuple[int, ...], groups: str | None,
-               steps: int) -> CalibrationResult:
+               steps: int, holdout: Any) -> CalibrationResult:
     """``calibration``: data (anything load_inputs takes) or ``"data-free"``."""
     if isinstance(calibration, str) and calibration == "data-free":
         started = time.perf_counter()
         synthetic = synthesize_inputs(original, steps=synthesis_steps, input_size=input_size)
         result = calibrate(original, converted, synthetic, plan=plan, fit=fit, sweeps=sweeps, groups=groups,
-                           steps=steps, source="data-free (synthesised from BatchNorm running statistics)")
+                           steps=steps, holdout=holdout,
+                           source="data-free (synthesised from BatchNorm running statistics)")
         synthesis = {"samples": int(synthetic.shape[0]), "steps": synthesis_steps,
                      "seconds": time.perf_counter() - started}
         return dataclasses.replace(result, synthesis=synthesis)
-    return calibrate(original, converted, calibration, plan=plan, fit=fit, sweeps=sweeps, groups=groups, steps=steps)
+    return calibrate(original, converted, calibration, plan=plan, fit=fit, sweeps=sweeps, groups=groups, steps=steps,
+                     holdout=holdout)

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "reconstruct: refit each site's affine and its conv by a few gradient steps")
     convert.add_argument("--calibration-groups", choices=["search"], default=None,
                          help="with --calibrate: also choose each GroupNorm's group count (1…32) on the data")
+    convert.add_argument("--calibration-holdout", metavar="FRACTION|DATA",
+                         help="judge calibration's never-worse check on held-back samples, not the fitted ones: "
+                              "a fraction of the --calibrate data (e.g. 0.25) or other data (images folder or "
+                              "tensor file, ideally other sources)")
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
                          help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
     convert.add_argument("--recover-lr", type=float, default=1e-4, metavar="LR", help="default 1e-4")
@@ -213,7 +217,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     # The saved plan records every site's input shape: the command line is not the place to save 10 ms.
     conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
                              calibration=calibration, calibration_fit=args.calibration_fit,
-                             calibration_groups=args.calibration_groups, shapes="always",
+                             calibration_groups=args.calibration_groups,
+                             calibration_holdout=_holdout(model, args.calibration_holdout), shapes="always",
                              **_facts(args))
     if args.recover_steps:
         conversion = _recover_conversion(model, conversion, calibration, data, args)
@@ -230,6 +235,17 @@ def _calibration(model: Any, args: argparse.Namespace) -> Any:
     if not args.calibrate or args.calibrate == "data-free":
         return args.calibrate
     return load_inputs(model, args.calibrate, batch_size=32)
+
+
+def _holdout(model: Any, value: str | None) -> Any:
+    from .data import load_inputs
+
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return load_inputs(model, value, batch_size=32)
 
 
 def _recover_conversion(model: Any, conversion: Any, calibration: Any, data: Any, args: argparse.Namespace) -> Any:

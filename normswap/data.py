@@ -38,6 +38,26 @@ class InputSet:
     def first(self) -> tuple[torch.Tensor, ...]:
         return self.batches[0]
 
+    def split_off(self, fraction: float, seed: int = 0) -> tuple[InputSet, InputSet]:
+        """(kept, held back): ``fraction`` of the samples, drawn by a seeded permutation, held back.
+        Both parts keep this set's batch size and at least one sample."""
+        n = self.num_samples
+        if not 0 < fraction < 1 or n < 2:
+            raise DataError(f"cannot hold back a fraction {fraction} of {n} samples: give 0 < fraction < 1 "
+                            f"and at least 2 samples.")
+        held = min(max(round(n * fraction), 1), n - 1)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        joined = tuple(torch.cat(parts) for parts in zip(*self.batches, strict=True))
+        size = int(self.batches[0][0].shape[0])
+
+        def part(index: torch.Tensor, what: str) -> InputSet:
+            index = index.sort().values  # the data's own order within each part
+            chosen = tuple(t[index.to(t.device)] for t in joined)
+            batches = tuple(tuple(t[i : i + size] for t in chosen) for i in range(0, len(index), size))
+            return InputSet(batches, self.source, f"{what} of {self.description}", self.warnings)
+
+        return part(order[held:], f"{n - held} of {n} samples"), part(order[:held], f"{held} of {n} samples")
+
 
 def model_input_size(model: nn.Module) -> tuple[int, ...] | None:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}

@@ -153,8 +153,9 @@ def report_lines(report: Report) -> list[str]:
 def calibration_line(info: dict[str, Any]) -> str:
     """What calibration did, from the report's JSON: fit, data, and the output error it moved."""
     errors = info.get("output_error") or []
-    # Measured on the calibration data itself, which a fit can memorise: say so, or it reads as held-out.
-    moved = (f"; output error on these samples {fmt(errors[0])} → {fmt(errors[info.get('kept_sweeps', 0)])}"
+    # On the calibration data itself a fit can memorise: say which data, or it reads as held-out.
+    where = "these samples" if not info.get("held_back") else f"{info['held_back']} held-back samples"
+    moved = (f"; output error on {where} {fmt(errors[0])} → {fmt(errors[info.get('kept_sweeps', 0)])}"
              if errors else "")
     undone = " (made it worse: undone)" if errors and not info.get("kept_sweeps") else ""
     return (f"calibration: {info.get('fit')} on {info.get('samples')} samples ({info.get('source')}), "

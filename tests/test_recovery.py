@@ -77,6 +77,54 @@ def test_calibration_keeps_the_sweeps_that_served_the_outputs_and_undoes_a_harmf
     assert all(torch.equal(before[k], v) for k, v in harmful.state_dict().items())
 
 
+@pytest.mark.parametrize("fit", ["least-squares", "reconstruct"])
+def test_holdout_judges_calibration_on_data_the_fit_did_not_see(fit):
+    model, data = small_cnn()
+    # Calibration samples from another domain than the network's: a fit to them serves them and
+    # wrecks the data the running statistics describe. Judged on its own samples it looks good.
+    skewed, held = data[:32] * 3 + 2, data[64:]
+    recipe = standardized("rmsnorm-chw") if fit == "reconstruct" else "small-batch"
+
+    def calibrated(**holdout):
+        conversion = normswap.convert(model, recipe, data[:1], validate=False)
+        before = {k: v.clone() for k, v in conversion.model.state_dict().items()}
+        result = normswap.calibrate(model, conversion.model, skewed, plan=conversion.plan, fit=fit, steps=20,
+                                    **holdout)
+        return conversion.model, before, result
+
+    fooled, uncalibrated, result = calibrated()
+    assert result.kept_sweeps >= 1 and result.judged_on == "calibration data" and result.held_back == 0
+    plain = normswap.convert(model, recipe, data[:1], validate=False).model
+    assert drift_of(model, fooled, held) > 1.1 * drift_of(model, plain, held)
+    guarded, uncalibrated, result = calibrated(holdout=held)
+    assert result.kept_sweeps == 0 and result.output_error[-1] > result.output_error[0]
+    assert result.held_back == 32 and result.samples == 32 and result.judged_on.startswith("held back")
+    assert all(torch.equal(uncalibrated[k], v) for k, v in guarded.state_dict().items())
+
+
+def test_holdout_fraction_holds_back_disjoint_samples_in_order():
+    from normswap.data import load_inputs
+
+    model, data = small_cnn()
+    labels = torch.arange(10)
+    inputs = load_inputs(model, (data[:10], labels), batch_size=4)
+    kept, held = inputs.split_off(0.3)
+    kept_labels, held_labels = (torch.cat([b[1] for b in part.batches]) for part in (kept, held))
+    assert len(held_labels) == 3 and len(kept_labels) == 7
+    assert sorted(torch.cat([kept_labels, held_labels]).tolist()) == list(range(10))
+    assert torch.equal(kept_labels, kept_labels.sort().values) and max(len(b[0]) for b in kept.batches) == 4
+    for k, x in zip(kept_labels.tolist(), torch.cat([b[0] for b in kept.batches]), strict=True):
+        assert torch.equal(x, data[k])  # inputs stay with their labels
+    again = inputs.split_off(0.3)[1]
+    assert torch.equal(torch.cat([b[1] for b in again.batches]), held_labels)
+    result = normswap.calibrate(model, normswap.convert(model, "small-batch", data[:1], validate=False).model,
+                                data[:64], holdout=0.25)
+    assert (result.samples, result.held_back) == (48, 16) and "16 of 64 samples" in result.judged_on
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(normswap.NormswapError, match="fraction"):
+            normswap.calibrate(model, model, data[:8], holdout=bad)
+
+
 def test_calibration_leaves_the_original_untouched_and_is_deterministic():
     from .conftest import model_fingerprint
 
@@ -255,10 +303,13 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
     try:
         base = ["--checkpoint", str(weights), "--input-size", "3,8,8"]
         assert main(["convert", "factory:build", *base, "-r", "small-batch", "--calibrate", str(tmp_path / "data.pt"),
-                     "--recover-steps", "5", "--data", str(tmp_path / "data.pt"), "-o", str(tmp_path / "c")]) == 0
+                     "--calibration-holdout", "0.25", "--recover-steps", "5", "--data", str(tmp_path / "data.pt"),
+                     "-o", str(tmp_path / "c")]) == 0
         report = json.loads((tmp_path / "c" / "report.json").read_text())
         assert report["calibration"]["fit"] == "least-squares" and report["calibration"]["recovery"]["steps"] == 5
-        assert "- calibration: least-squares on 96 samples" in (tmp_path / "c" / "report.md").read_text()
+        assert report["calibration"]["held_back"] == 24
+        assert "- calibration: least-squares on 72 samples" in (tmp_path / "c" / "report.md").read_text()
+        assert "on 24 held-back samples" in (tmp_path / "c" / "report.md").read_text()
         assert main(["recover", "factory:build", str(tmp_path / "c"), *base, "--data", str(tmp_path / "data.pt"),
                      "--steps", "3", "-o", str(tmp_path / "r")]) == 0
         assert json.loads((tmp_path / "r" / "report.json").read_text())["calibration"]["recovery"]["steps"] == 3
