@@ -556,6 +556,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "feature_weight=1.0",
             {"augment": normswap.ImageAugment(size=rec_res), "feature_weight": 1.0},
         ),
+        "held-back": (
+            " [judged on held-back photos]",
+            f", trained on the views of {len(CALIBRATION_PHOTOS) - len(held_back_photos)} calibration photos, "
+            f"holdout= the views of the other {len(held_back_photos)}, eval_every=10: it ends in the best state on "
+            "them, the start included",
+            {"eval_every": 10},
+        ),
         "mixup": (
             " [+ mixup views]",
             ", on the views plus as many mixup blends of random view pairs (Beta(0.4, 0.4))",
@@ -577,7 +584,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 model = copy.deepcopy(stats.model)
                 if start in FITS:
                     normswap.calibrate(original, model, calib_x, plan=stats.plan, fit=start)
-            rec_x = calib_x
+            rec_x, holdout = calib_x, None
+            if variant == "held-back":
+                rec_x, holdout = calib_x[~held_back], calib_x[held_back]
             if variant == "mixup":
                 g = torch.Generator().manual_seed(args.seed)
                 lam = torch.distributions.Beta(0.4, 0.4).sample((len(calib_x),)).view(-1, 1, 1, 1)
@@ -585,6 +594,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rec_x = torch.cat([calib_x, lam * calib_x + (1 - lam) * pair])
             if args.recover_size and args.recover_size != size:
                 rec_x = F.interpolate(rec_x, size=(args.recover_size,) * 2, mode="bicubic", antialias=True)
+                if holdout is not None:
+                    holdout = F.interpolate(holdout, size=(args.recover_size,) * 2, mode="bicubic", antialias=True)
             lr = args.recover_lr
             if variant == "norm-only":
                 for p in model.parameters():
@@ -603,6 +614,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=args.recover_batch,
                 plan=plans.get(start, stats.plan),
                 progress=False,
+                holdout=holdout,
                 **variants[variant][2],
             )
         for p in model.parameters():
@@ -803,6 +815,9 @@ def render(result: dict[str, Any]) -> str:
                     f"{rec.get('first_loss', float('nan')):.4f} → {rec.get('final_loss', float('nan')):.4f}",
                 )
             )
+            if rec.get("holdout_error"):
+                judged = ", ".join(f"{step}: {error:.4f}" for step, error in rec["holdout_error"])
+                notes.append((r["method"], "holdout", f"{judged}; kept step {rec['kept_step']}"))
     lines += ["", "Goals:", ""]
     for g in result["goals"]:
         mark = {True: "**met**", False: "**missed**", None: "not measured"}[g["met"]]
@@ -813,6 +828,7 @@ def render(result: dict[str, Any]) -> str:
         "recover_wall_s": "of which `recover` alone: s",
         "prepare_wall_s": "of which copying/calibrating its starting model: s",
         "loss": "distillation loss, first → last step:",
+        "holdout": "KL on the held-back photos by step:",
     }
     lines += ["", "Details:", ""]
     for method, key, value in notes:
@@ -869,7 +885,7 @@ def main() -> None:
         "--recovery-variants",
         nargs="*",
         default=[],
-        choices=["features", "norm-only", "mixup", "augmented"],
+        choices=["features", "norm-only", "mixup", "augmented", "held-back"],
         help="extra recovery rows besides the plain one (each costs about as much as the plain one)",
     )
     parser.add_argument("--norm-only-lr-scale", type=float, default=10.0)

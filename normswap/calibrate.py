@@ -41,8 +41,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .data import InputSet, load_inputs, model_input_size
-from .drift import output_leaves
+from .data import InputSet, held_back, load_inputs, model_input_size
+from .drift import output_error
 from .errors import DataError, PlanError, unknown_name
 from .layers import GroupRMSNorm, group_rms_norm
 from .tracing import model_state_guard
@@ -372,7 +372,7 @@ def calibrate(
     inputs = data if isinstance(data, InputSet) else load_inputs(original, data, batch_size=batch_size)
     if inputs.source == "synthetic":
         raise DataError("calibration needs data: give real samples, or calibration='data-free'.")
-    inputs, judge = _held_back(original, inputs, holdout, batch_size)
+    inputs, judge = held_back(original, inputs, holdout, batch_size)
     sites, skipped = _sites(original, converted, plan)
     if fit == "reconstruct":
         result = _reconstruct(original, converted, sites, skipped, inputs, judge, plan, steps, lr, batch_size,
@@ -380,7 +380,7 @@ def calibrate(
         return _judged(result, judge, inputs)
     with model_state_guard(original), model_state_guard(converted), torch.no_grad():
         references = [original(*batch) for batch in judge.batches]
-        errors = [_output_error(converted, judge.batches, references)]
+        errors = [output_error(converted, judge.batches, references)]
         best, kept = _affines(sites), 0
         searched = {s.path: _group_candidates(s, groups == "search") for s in sites}
         # Choosing a count changes what every later site sees, so the last sweep only refits: the
@@ -390,7 +390,7 @@ def calibrate(
             last = sweep == sweeps - 1
             candidates = {path: () if last else c for path, c in searched.items()}
             _sweep(original, converted, sites, inputs.batches, fit, candidates)
-            errors.append(_output_error(converted, judge.batches, references))
+            errors.append(output_error(converted, judge.batches, references))
             if errors[-1] >= min(errors[:-1]):
                 # Each site's fit is optimal for that site, but downstream nonlinearities can turn
                 # better layers into a worse network: keep what served the outputs best.
@@ -414,20 +414,6 @@ def calibrate(
         groups=chosen,
     )
     return _judged(result, judge, inputs)
-
-
-def _held_back(original: nn.Module, inputs: InputSet, holdout: Any, batch_size: int) -> tuple[InputSet, InputSet]:
-    """(what the fit sees, what the never-worse check judges on)."""
-    if holdout is None:
-        return inputs, inputs
-    if isinstance(holdout, float):
-        if not 0 < holdout < 1:
-            raise PlanError(f"holdout as a fraction must lie in (0, 1), got {holdout}; or give held-back data.")
-        return inputs.split_off(holdout)
-    judge = load_inputs(original, holdout, batch_size=batch_size)
-    if judge.source == "synthetic":
-        raise DataError("holdout needs real samples: give data, a fraction of the calibration data, or None.")
-    return inputs, judge
 
 
 def _judged(result: CalibrationResult, judge: InputSet, inputs: InputSet) -> CalibrationResult:
@@ -505,22 +491,6 @@ def _restore(sites: list[_Site], states: list[_State]) -> None:
             site.converted.num_groups = groups
 
 
-def _output_error(converted: nn.Module, batches: list[Any], references: list[Any]) -> float:
-    """Mean over output leaves and batches: KL(original ‖ converted) for classifier logits (what
-    top-1 agreement follows), relative L2 for anything else."""
-    terms = []
-    for batch, reference in zip(batches, references, strict=True):
-        output = converted(*batch)
-        for (_, ref), (_, out) in zip(output_leaves(reference), output_leaves(output), strict=True):
-            ref, out = ref.float(), out.float()
-            if ref.ndim == 2 and ref.shape[1] > 1:
-                terms.append(float(F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
-                                            reduction="batchmean")))
-            else:
-                terms.append(float((out - ref).norm() / ref.norm().clamp_min(1e-12)))
-    return sum(terms) / max(len(terms), 1)
-
-
 RECONSTRUCTION_MEMORY = 2 << 30  # bytes of the original sites' stored inputs per pass
 
 
@@ -546,7 +516,7 @@ def _reconstruct(
     fitted = {s.path: _fitted_parameters(s, producers.get(s.path)) for s in sites}
     with model_state_guard(original), model_state_guard(converted), torch.no_grad():
         references = [original(*batch) for batch in judge.batches]
-        errors = [_output_error(converted, judge.batches, references)]
+        errors = [output_error(converted, judge.batches, references)]
         before = [p.detach().clone() for params in fitted.values() for _, p in params]
         site_error: dict[str, tuple[float, float]] = {}
         remaining = list(sites)
@@ -557,7 +527,7 @@ def _reconstruct(
             chunk = [s for s in remaining if s.path in targets]
             _fit_in_order(converted, chunk, producers, fitted, targets, x, steps, lr, batch_size, site_error)
             remaining = [s for s in remaining if s not in chunk]  # a pass that reaches none of them ends it
-        errors.append(_output_error(converted, judge.batches, references))
+        errors.append(output_error(converted, judge.batches, references))
         kept = 1
         if errors[-1] >= errors[0]:  # as for the other fits: never worse than uncalibrated on the data
             for (_, p), old in zip((q for params in fitted.values() for q in params), before, strict=True):

@@ -17,6 +17,10 @@ from typing import Any
 from .errors import NormswapError
 
 DEFAULT_DEMO_MODEL = "resnet18"
+HOLDOUT_HELP = (
+    "samples the never-worse checks of calibration and recovery judge on, held back from fitting: a fraction of "
+    "the training data (e.g. 0.25) or other data (images folder or tensor file; best from other sources)"
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -81,10 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "reconstruct: refit each site's affine and its conv by a few gradient steps")
     convert.add_argument("--calibration-groups", choices=["search"], default=None,
                          help="with --calibrate: also choose each GroupNorm's group count (1…32) on the data")
-    convert.add_argument("--calibration-holdout", metavar="FRACTION|DATA",
-                         help="judge calibration's never-worse check on held-back samples, not the fitted ones: "
-                              "a fraction of the --calibrate data (e.g. 0.25) or other data (images folder or "
-                              "tensor file, ideally other sources)")
+    convert.add_argument("--holdout", metavar="FRACTION|DATA", help=HOLDOUT_HELP)
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
                          help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
     convert.add_argument("--recover-lr", type=float, default=1e-4, metavar="LR", help="default 1e-4")
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--recover-batch-size", type=int, default=32, metavar="N")
     recover.add_argument("--feature-weight", type=float, default=0.0, help="weight of the per-site feature loss")
     recover.add_argument("--checkpoint-dir", metavar="DIR", help="save every 50 steps here and resume from it")
+    recover.add_argument("--holdout", metavar="FRACTION|DATA", help=HOLDOUT_HELP)
     recover.add_argument("--output", "-o", required=True, metavar="DIR")
     recover.add_argument("--force", action="store_true", help="replace an existing output directory")
 
@@ -214,14 +216,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model, spec = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
     data = None if args.no_validate else _data(model, args)
     calibration = _calibration(model, args)
+    holdout = _holdout(model, args.holdout)
     # The saved plan records every site's input shape: the command line is not the place to save 10 ms.
     conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
                              calibration=calibration, calibration_fit=args.calibration_fit,
                              calibration_groups=args.calibration_groups,
-                             calibration_holdout=_holdout(model, args.calibration_holdout), shapes="always",
+                             calibration_holdout=holdout, shapes="always",
                              **_facts(args))
     if args.recover_steps:
-        conversion = _recover_conversion(model, conversion, calibration, data, args)
+        conversion = _recover_conversion(model, conversion, calibration, data, holdout, args)
     if not args.no_validate:
         conversion = _validated(model, conversion, data, args)
     io.save(conversion, args.output, force=args.force, model_spec=spec)
@@ -248,14 +251,15 @@ def _holdout(model: Any, value: str | None) -> Any:
         return load_inputs(model, value, batch_size=32)
 
 
-def _recover_conversion(model: Any, conversion: Any, calibration: Any, data: Any, args: argparse.Namespace) -> Any:
+def _recover_conversion(model: Any, conversion: Any, calibration: Any, data: Any, holdout: Any,
+                        args: argparse.Namespace) -> Any:
     from .recover import recover
 
     train = calibration if calibration is not None and calibration != "data-free" else data
     if train is None or getattr(train, "source", "") == "synthetic":
         raise NormswapError("--recover-steps needs real data: give --calibrate DATA or --data PATH.")
     result = recover(model, conversion.model, train, steps=args.recover_steps, lr=args.recover_lr,
-                     plan=conversion.plan)
+                     plan=conversion.plan, holdout=holdout)
     extra = dict(conversion.report.calibration or {}) | {"recovery": result.to_dict()}
     return dataclasses.replace(conversion, report=dataclasses.replace(conversion.report, calibration=extra))
 
@@ -285,7 +289,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     converted = io.load(args.converted, _fresh_instance(args.converted, spec))
     data = load_inputs(original, args.data, batch_size=args.recover_batch_size)
     result = recover(original, converted, data, steps=args.steps, lr=args.lr, batch_size=args.recover_batch_size,
-                     feature_weight=args.feature_weight, plan=plan, checkpoint_dir=args.checkpoint_dir)
+                     feature_weight=args.feature_weight, plan=plan, checkpoint_dir=args.checkpoint_dir,
+                     holdout=_holdout(original, args.holdout))
     drift = validate(original, converted, data, plan=plan, repeats=3)
     saved = io.read_report(args.converted) if (Path(args.converted) / "report.json").is_file() else None
     base = saved or _report_from_drift(plan, drift)

@@ -110,6 +110,21 @@ def load_inputs(
     return InputSet(batches, source, description, tuple(warnings))
 
 
+def held_back(original: nn.Module, inputs: InputSet, holdout: Any, batch_size: int) -> tuple[InputSet, InputSet]:
+    """(what a fit sees, what judges it): ``holdout`` None judges on ``inputs`` itself; a fraction in
+    (0, 1) holds back that share of the samples; data (anything :func:`load_inputs` takes) judges on it."""
+    if holdout is None:
+        return inputs, inputs
+    if isinstance(holdout, float):
+        if not 0 < holdout < 1:
+            raise DataError(f"holdout as a fraction must lie in (0, 1), got {holdout}; or give held-back data.")
+        return inputs.split_off(holdout)
+    judge = load_inputs(original, holdout, batch_size=batch_size)
+    if judge.source == "synthetic":
+        raise DataError("holdout needs real samples: give data, a fraction of the calibration data, or None.")
+    return inputs, judge
+
+
 def _given_tuple(model: nn.Module, tensors: tuple[torch.Tensor, ...], batch_size: int, limit: int | None) -> InputSet:
     first = _check_tensor(model, tensors[0], "given tensors")
     n = first.shape[0] if limit is None else min(limit, first.shape[0])

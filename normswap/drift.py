@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cloning import clone_model
@@ -117,6 +118,22 @@ def output_leaves(output: Any, name: str = "output") -> Iterator[tuple[str, torc
     elif isinstance(output, (list, tuple)):
         for i, value in enumerate(output):
             yield from output_leaves(value, f"{name}[{i}]")
+
+
+def output_error(converted: nn.Module, batches: list[Any], references: list[Any]) -> float:
+    """Mean over output leaves and batches: KL(original ‖ converted) for classifier logits (what
+    top-1 agreement follows), relative L2 for anything else."""
+    terms = []
+    for batch, reference in zip(batches, references, strict=True):
+        output = converted(*batch)
+        for (_, ref), (_, out) in zip(output_leaves(reference), output_leaves(output), strict=True):
+            ref, out = ref.float(), out.float()
+            if ref.ndim == 2 and ref.shape[1] > 1:
+                terms.append(float(F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
+                                            reduction="batchmean")))
+            else:
+                terms.append(float((out - ref).norm() / ref.norm().clamp_min(1e-12)))
+    return sum(terms) / max(len(terms), 1)
 
 
 @dataclass(frozen=True)

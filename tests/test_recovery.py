@@ -268,6 +268,48 @@ def test_recovery_with_augmented_views_generalises_and_resumes_identically(tmp_p
                                                  strict=True))
 
 
+def test_recovery_with_holdout_ends_in_the_best_state_it_saw_and_resumes_it(tmp_path):
+    model, data = small_cnn()
+    held = data[64:]
+
+    def fresh() -> nn.Module:
+        return normswap.convert(model, "small-batch", data[:1], validate=False).model
+
+    # Distilled on another domain than the network's, it forgets the data it knew: only held-back
+    # samples can tell, and the start is then the best state.
+    skewed = data[:32] * 3 + 2
+    fooled, guarded, plain = fresh(), fresh(), fresh()
+    normswap.recover(model, fooled, skewed, steps=20, lr=3e-3, batch_size=16, progress=False)
+    assert drift_of(model, fooled, held) > 1.5 * drift_of(model, plain, held)
+    result = normswap.recover(model, guarded, skewed, steps=20, lr=3e-3, batch_size=16, progress=False,
+                              holdout=held, eval_every=10)
+    assert [step for step, _ in result.holdout_error] == [0, 10, 20] and result.kept_step == 0
+    assert result.holdout_error[0][1] < min(error for _, error in result.holdout_error[1:])
+    assert all(torch.equal(a, b) for a, b in zip(guarded.state_dict().values(), plain.state_dict().values(),
+                                                 strict=True))
+    # Where distillation helps it keeps a later state, and a run stopped and resumed keeps the same one.
+    helped, resumed = fresh(), fresh()
+    options = dict(steps=40, lr=3e-3, batch_size=16, progress=False, holdout=0.25, eval_every=10,
+                   checkpoint_every=20)
+    result = normswap.recover(model, helped, data[:64], checkpoint_dir=tmp_path / "a", **options)
+    errors = dict(result.holdout_error)
+    assert result.held_back == 16 and result.kept_step > 0 and errors[result.kept_step] == min(errors.values())
+    assert errors[result.kept_step] < 0.8 * errors[0]
+    with pytest.raises(KeyboardInterrupt):
+        normswap.recover(model, resumed, data[:64], checkpoint_dir=tmp_path / "b",
+                         callback=lambda step, _loss: _interrupt_at(step, 20), **options)
+    again = normswap.recover(model, resumed, data[:64], checkpoint_dir=tmp_path / "b", **options)
+    assert again.resumed_from == 20 and again.holdout_error == result.holdout_error
+    assert all(torch.equal(a, b) for a, b in zip(helped.state_dict().values(), resumed.state_dict().values(),
+                                                 strict=True))
+    unjudged = {k: v for k, v in options.items() if k != "holdout"}
+    with pytest.raises(KeyboardInterrupt):
+        normswap.recover(model, fresh(), data[:64], checkpoint_dir=tmp_path / "c",
+                         callback=lambda step, _loss: _interrupt_at(step, 20), **unjudged)
+    with pytest.raises(normswap.NormswapError, match="without holdout"):
+        normswap.recover(model, fresh(), data[:64], checkpoint_dir=tmp_path / "c", **options)
+
+
 def _interrupt_at(step: int, stop: int) -> None:
     if step == stop:
         raise KeyboardInterrupt
@@ -283,6 +325,7 @@ def test_recovery_under_torchrun_with_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(out.read_text())
     assert summary["world"] == 2 and summary["same_weights"], summary
+    assert summary["judged_steps"] == [0, 10, 20, 30] and summary["kept_step"] in summary["judged_steps"]
     assert summary["drift_after"] < summary["drift_before"]
 
 
@@ -303,11 +346,11 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
     try:
         base = ["--checkpoint", str(weights), "--input-size", "3,8,8"]
         assert main(["convert", "factory:build", *base, "-r", "small-batch", "--calibrate", str(tmp_path / "data.pt"),
-                     "--calibration-holdout", "0.25", "--recover-steps", "5", "--data", str(tmp_path / "data.pt"),
+                     "--holdout", "0.25", "--recover-steps", "5", "--data", str(tmp_path / "data.pt"),
                      "-o", str(tmp_path / "c")]) == 0
         report = json.loads((tmp_path / "c" / "report.json").read_text())
         assert report["calibration"]["fit"] == "least-squares" and report["calibration"]["recovery"]["steps"] == 5
-        assert report["calibration"]["held_back"] == 24
+        assert report["calibration"]["held_back"] == 24 and report["calibration"]["recovery"]["held_back"] == 24
         assert "- calibration: least-squares on 72 samples" in (tmp_path / "c" / "report.md").read_text()
         assert "on 24 held-back samples" in (tmp_path / "c" / "report.md").read_text()
         assert main(["recover", "factory:build", str(tmp_path / "c"), *base, "--data", str(tmp_path / "data.pt"),
