@@ -46,7 +46,7 @@ from .drift import output_error
 from .errors import DataError, PlanError, unknown_name
 from .layers import GroupRMSNorm, group_rms_norm
 from .tracing import model_state_guard
-from .transfer import NormState, statistics_aware_affine
+from .transfer import NormState, state_after, statistics_aware_affine
 from .types import Plan
 
 FITS = ("least-squares", "moments", "blend", "statistics", "reconstruct")
@@ -221,17 +221,18 @@ class _Site:
     path: str
     original: _BatchNorm
     converted: nn.Module
+    transfer: str = "statistics"  # the plan's: after "standardize" the producer applies BN's statistics
 
 
 def _sites(original: nn.Module, converted: nn.Module, plan: Plan | None) -> tuple[list[_Site], list[tuple[str, str]]]:
     originals, converteds = dict(original.named_modules()), dict(converted.named_modules())
-    paths = (
-        [e.site.path for e in plan.conversions if e.site.kind == "module"]
+    transfers = (
+        {e.site.path: str(e.options.get("transfer", "statistics")) for e in plan.conversions if e.site.kind == "module"}
         if plan is not None
-        else [p for p, m in originals.items() if isinstance(m, _BatchNorm)]
+        else {p: "statistics" for p, m in originals.items() if isinstance(m, _BatchNorm)}
     )
     sites, skipped = [], []
-    for path in paths:
+    for path, transfer in transfers.items():
         old, new = originals.get(path), converteds.get(path)
         if not isinstance(old, _BatchNorm) or new is None:
             continue
@@ -240,7 +241,7 @@ def _sites(original: nn.Module, converted: nn.Module, plan: Plan | None) -> tupl
         elif getattr(new, "weight", None) is None:
             skipped.append((path, "the converted layer has no affine to refit"))
         else:
-            sites.append(_Site(path, old, new))
+            sites.append(_Site(path, old, new, transfer))
     return sites, skipped
 
 
@@ -453,7 +454,7 @@ def _sweep(
         else:
             continue
         if fit == "statistics":
-            gamma, beta = _statistics_affine(site, site.converted.num_groups)
+            gamma, beta = _statistics_affine(site, _statistics_groups(site.converted))
         else:
             gamma, beta = stats.fit(fit, site.converted.weight.detach())
         site.converted.weight.copy_(gamma.to(site.converted.weight.dtype))
@@ -462,7 +463,17 @@ def _sweep(
 
 def _statistics_affine(site: _Site, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     centred = not isinstance(site.converted, GroupRMSNorm)
-    return statistics_aware_affine(NormState.from_module(site.original), groups, site.converted.eps, centred)
+    state = state_after(NormState.from_module(site.original), site.transfer)
+    return statistics_aware_affine(state, groups, site.converted.eps, centred)
+
+
+def _statistics_groups(module: nn.Module) -> int:
+    """How many channel groups the layer takes its statistics over, as statistics_aware_affine counts."""
+    if isinstance(module, (nn.GroupNorm, GroupRMSNorm)):
+        return int(module.num_groups)
+    if isinstance(module, _InstanceNorm):
+        return int(module.num_features)
+    return 1  # LayerNorm over the channels
 
 
 def _site_error(site: _Site, groups: int, stats: _Moments, fit: str) -> float:

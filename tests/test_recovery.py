@@ -415,6 +415,29 @@ def test_statistics_fit_chooses_structure_only_and_keeps_the_transfer():
         normswap.calibrate(model, plain.model, calibration, fit="statistics")
 
 
+def test_statistics_fit_on_a_standardized_conversion_uses_the_statistics_the_site_sees():
+    """After ``standardize`` the conv already applies BatchNorm's statistics: the statistics affine
+    must be that of the standardized site, and LayerNorm sites (features) take part too."""
+    from normswap.transfer import NormState, standardized_state, statistics_aware_affine
+
+    model, data = small_cnn()
+    recipe = {"rules": [
+        {"name": "images", "match": {"layouts": ["image"]}, "target": "groupnorm",
+         "options": {"transfer": "standardize"}},
+        {"name": "features", "target": "layernorm", "options": {"transfer": "standardize"}},
+    ]}
+    conversion = normswap.convert(model, recipe, data[:1], validate=False)
+    result = normswap.calibrate(model, conversion.model, data[:64], plan=conversion.plan, fit="statistics",
+                                groups="search")
+    assert result.kept_sweeps >= 1, result.output_error
+    assert set(result.groups) == {"1", "4"} and len(result.calibrated) == 3
+    for path, groups in result.groups.items():
+        layer = conversion.model.get_submodule(path)
+        state = standardized_state(NormState.from_module(model.get_submodule(path)))
+        gamma, beta = statistics_aware_affine(state, groups, layer.eps)
+        assert torch.allclose(layer.weight.float(), gamma.float()) and torch.allclose(layer.bias.float(), beta.float())
+
+
 def standardized(image_target: str) -> dict:
     return {"rules": [
         {"name": "images", "match": {"layouts": ["image"]}, "target": image_target,
