@@ -9,6 +9,7 @@ other photos.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,14 @@ def run_real(output: Path, per_photo: int = 6, recover_steps: int = 0, console: 
     if recover_steps:
         # The conversion is already close: at recover's default 1e-4 Lite1 lost held-out agreement.
         trained = calibration[: -per_photo]  # the last photo's views judge the run
-        recover(model, conversion.model, trained, steps=recover_steps, lr=1e-5, batch_size=8,
-                plan=conversion.plan, augment=ImageAugment(size=int(calibration.shape[-1])), feature_weight=1.0,
-                holdout=calibration[-per_photo:], eval_every=max(recover_steps // 4, 1))
+        recovery = recover(model, conversion.model, trained, steps=recover_steps, lr=1e-5, batch_size=8,
+                           plan=conversion.plan, augment=ImageAugment(size=int(calibration.shape[-1])),
+                           feature_weight=1.0, holdout=calibration[-per_photo:], eval_every=max(recover_steps // 4, 1))
+        extra = {"recovery": recovery.to_dict()}
+        conversion = dataclasses.replace(conversion, report=dataclasses.replace(conversion.report, calibration=extra))
     from .drift import validate
 
     drift = validate(model, conversion.model, held_out, plan=conversion.plan, repeats=3)
-    import dataclasses
 
     report = dataclasses.replace(conversion.report, drift=drift)
     conversion = dataclasses.replace(conversion, report=report)

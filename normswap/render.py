@@ -144,8 +144,11 @@ def report_lines(report: Report) -> list[str]:
         f"{len(report.swaps)} sites converted · BatchNorm left: {len(report.batchnorm_left)}"
     ]
     lines.append("time: " + ", ".join(f"{k} {v:.3f}s" for k, v in report.timings.items()))
-    if report.calibration:
-        lines.append(calibration_line(report.calibration))
+    calibration = report.calibration or {}
+    if "fit" in calibration:
+        lines.append(calibration_line(calibration))
+    if "recovery" in calibration:
+        lines.append(recovery_line(calibration["recovery"]))
     lines += [f"warning: {w}" for w in report.warnings]
     return lines
 
@@ -160,6 +163,18 @@ def calibration_line(info: dict[str, Any]) -> str:
     undone = " (made it worse: undone)" if errors and not info.get("kept_sweeps") else ""
     return (f"calibration: {info.get('fit')} on {info.get('samples')} samples ({info.get('source')}), "
             f"{len(info.get('calibrated', []))} sites{moved}{undone}")
+
+
+def recovery_line(info: dict[str, Any]) -> str:
+    """What distillation did, from the report's JSON; with a holdout, which state it kept and why."""
+    line = (f"recovery: {info.get('steps')} distillation steps at lr {fmt(info.get('lr'), 2)} in "
+            f"{info.get('seconds', 0):.1f}s, loss {fmt(info.get('first_loss'))} → {fmt(info.get('final_loss'))}")
+    judged = {int(step): error for step, error in info.get("holdout_error") or []}
+    kept = info.get("kept_step")
+    if judged and kept is not None:
+        line += (f"; output error on {info.get('held_back')} held-back samples {fmt(judged[min(judged)])} → "
+                 f"{fmt(judged[kept])} (state after step {kept} of {max(judged)} kept)")
+    return line
 
 
 def print_report(report: Report, console: Console | None = None) -> None:

@@ -352,7 +352,17 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
         assert report["calibration"]["fit"] == "least-squares" and report["calibration"]["recovery"]["steps"] == 5
         assert report["calibration"]["held_back"] == 24 and report["calibration"]["recovery"]["held_back"] == 24
         assert "- calibration: least-squares on 72 samples" in (tmp_path / "c" / "report.md").read_text()
-        assert "on 24 held-back samples" in (tmp_path / "c" / "report.md").read_text()
+        markdown = (tmp_path / "c" / "report.md").read_text()
+        assert "on 24 held-back samples" in markdown
+        recovery = next(line for line in markdown.splitlines() if line.startswith("- recovery: "))
+        kept = report["calibration"]["recovery"]["kept_step"]
+        assert "5 distillation steps at lr 0.0001" in recovery and "on 24 held-back samples" in recovery
+        assert recovery.endswith(f"(state after step {kept} of 5 kept)")
+        # Recovery alone: a recovery line and no calibration line.
+        assert main(["convert", "factory:build", *base, "-r", "small-batch", "--recover-steps", "2", "--data",
+                     str(tmp_path / "data.pt"), "-o", str(tmp_path / "d")]) == 0
+        markdown = (tmp_path / "d" / "report.md").read_text()
+        assert "- recovery: 2 distillation steps" in markdown and "calibration:" not in markdown
         assert main(["recover", "factory:build", str(tmp_path / "c"), *base, "--data", str(tmp_path / "data.pt"),
                      "--steps", "3", "-o", str(tmp_path / "r")]) == 0
         assert json.loads((tmp_path / "r" / "report.json").read_text())["calibration"]["recovery"]["steps"] == 3
