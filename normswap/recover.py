@@ -312,13 +312,13 @@ def _resume(directory: str | Path | None, model: nn.Module, optimizer: Any, sche
     if directory is None or not (Path(directory) / CHECKPOINT).is_file():
         return 0
     state = torch.load(Path(directory) / CHECKPOINT, map_location="cpu", weights_only=True)
+    if best is not None and "best" not in state:  # checked before anything is loaded: nothing half-resumed
+        raise PlanError(f"{Path(directory) / CHECKPOINT} was saved by a run without holdout; resume it "
+                        f"without holdout, or start afresh in another checkpoint directory.")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     if best is not None:
-        if "best" not in state:
-            raise PlanError(f"{Path(directory) / CHECKPOINT} was saved by a run without holdout; resume it "
-                            f"without holdout, or start afresh in another checkpoint directory.")
         best.load(state["best"])
     return int(state["step"])
 

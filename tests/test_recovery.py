@@ -306,8 +306,11 @@ def test_recovery_with_holdout_ends_in_the_best_state_it_saw_and_resumes_it(tmp_
     with pytest.raises(KeyboardInterrupt):
         normswap.recover(model, fresh(), data[:64], checkpoint_dir=tmp_path / "c",
                          callback=lambda step, _loss: _interrupt_at(step, 20), **unjudged)
+    untouched = fresh()
     with pytest.raises(normswap.NormswapError, match="without holdout"):
-        normswap.recover(model, fresh(), data[:64], checkpoint_dir=tmp_path / "c", **options)
+        normswap.recover(model, untouched, data[:64], checkpoint_dir=tmp_path / "c", **options)
+    assert all(torch.equal(a, b) for a, b in zip(untouched.state_dict().values(), plain.state_dict().values(),
+                                                 strict=True))
 
 
 def _interrupt_at(step: int, stop: int) -> None:
