@@ -558,9 +558,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "held-back": (
             " [judged on held-back photos]",
-            f", trained on the views of {len(CALIBRATION_PHOTOS) - len(held_back_photos)} calibration photos, "
-            f"holdout= the views of the other {len(held_back_photos)}, eval_every=10: it ends in the best state on "
-            "them, the start included",
+            f", holdout= the {int(held_back.sum())} views of {len(held_back_photos)} other calibration photos "
+            f"({', '.join(held_back_photos)}), eval_every=10: it ends in the best state on them, the start included",
             {"eval_every": 10},
         ),
         "mixup": (
@@ -630,7 +629,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         suffix, how, _ = variants[variant]
         bench.record(
             "+ calibrate + recover" + suffix,
-            f"from the `{start}` model, `recover(original, converted, {len(calib_x)} calibration views at {rec_res} "
+            f"from the `{start}` model, `recover(original, converted, "
+            f"{int((~held_back).sum()) if variant == 'held-back' else len(calib_x)} calibration views at {rec_res} "
             f"px, steps={args.recover_steps}, lr={args.recover_lr:g}, batch_size={args.recover_batch})`" + how,
             lambda variant=variant: recover(variant),
             needs=("recover",) + (("calibrate",) if start != "statistics" else ()),
