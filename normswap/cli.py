@@ -260,8 +260,7 @@ def _recover_conversion(model: Any, conversion: Any, calibration: Any, data: Any
         raise NormswapError("--recover-steps needs real data: give --calibrate DATA or --data PATH.")
     result = recover(model, conversion.model, train, steps=args.recover_steps, lr=args.recover_lr,
                      plan=conversion.plan, holdout=holdout)
-    extra = dict(conversion.report.calibration or {}) | {"recovery": result.to_dict()}
-    return dataclasses.replace(conversion, report=dataclasses.replace(conversion.report, calibration=extra))
+    return dataclasses.replace(conversion, report=result.recorded_in(conversion.report))
 
 
 def _validated(model: Any, conversion: Any, data: Any, args: argparse.Namespace) -> Any:
@@ -294,8 +293,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     drift = validate(original, converted, data, plan=plan, repeats=3)
     saved = io.read_report(args.converted) if (Path(args.converted) / "report.json").is_file() else None
     base = saved or _report_from_drift(plan, drift)
-    calibration = dict(base.calibration or {}) | {"recovery": result.to_dict()}
-    report = dataclasses.replace(base, drift=drift, calibration=calibration)
+    report = dataclasses.replace(result.recorded_in(base), drift=drift)
     io.save(Conversion(converted, plan, report), args.output, force=args.force,
             model_spec=io.read_meta(args.converted).get("model") or spec)
     print_report(report, _console())

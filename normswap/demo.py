@@ -92,8 +92,7 @@ def run_real(output: Path, per_photo: int = 6, recover_steps: int = 0, console: 
         recovery = recover(model, conversion.model, trained, steps=recover_steps, lr=1e-5, batch_size=8,
                            plan=conversion.plan, augment=ImageAugment(size=int(calibration.shape[-1])),
                            feature_weight=1.0, holdout=calibration[-per_photo:], eval_every=max(recover_steps // 4, 1))
-        extra = {"recovery": recovery.to_dict()}
-        conversion = dataclasses.replace(conversion, report=dataclasses.replace(conversion.report, calibration=extra))
+        conversion = dataclasses.replace(conversion, report=recovery.recorded_in(conversion.report))
     from .drift import validate
 
     drift = validate(model, conversion.model, held_out, plan=conversion.plan, repeats=3)

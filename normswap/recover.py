@@ -34,7 +34,7 @@ from torch import nn
 from .data import InputSet, held_back, load_inputs
 from .drift import output_error, output_leaves
 from .errors import DataError, PlanError
-from .types import Plan
+from .types import Plan, Report
 
 CHECKPOINT = "recover-checkpoint.pt"
 
@@ -56,6 +56,10 @@ class RecoveryResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "holdout_error": [list(e) for e in self.holdout_error]}
+
+    def recorded_in(self, report: Report) -> Report:
+        """``report`` with this run under ``calibration["recovery"]``, where the reports show it."""
+        return dataclasses.replace(report, calibration=dict(report.calibration or {}) | {"recovery": self.to_dict()})
 
 
 def _distillation_loss(teacher: Any, student: Any, temperature: float) -> torch.Tensor:
