@@ -378,7 +378,24 @@ def calibrate(
     if fit == "reconstruct":
         result = _reconstruct(original, converted, sites, skipped, inputs, judge, plan, steps, lr, batch_size,
                               source)
-        return _judged(result, judge, inputs)
+    else:
+        result = _affine_sweeps(original, converted, sites, skipped, inputs, judge, fit, sweeps, groups, source)
+    return _judged(result, judge, inputs)
+
+
+def _affine_sweeps(
+    original: nn.Module,
+    converted: nn.Module,
+    sites: list[_Site],
+    skipped: list[tuple[str, str]],
+    inputs: InputSet,
+    judge: InputSet,
+    fit: str,
+    sweeps: int,
+    groups: str | None,
+    source: str | None,
+) -> CalibrationResult:
+    """The streamed per-site fits, sweep after sweep, keeping the sweeps that served the outputs."""
     with model_state_guard(original), model_state_guard(converted), torch.no_grad():
         references = [original(*batch) for batch in judge.batches]
         errors = [output_error(converted, judge.batches, references)]
@@ -403,7 +420,7 @@ def calibrate(
     for site in sites:
         if site.path in chosen:
             site.converted.num_groups = chosen[site.path]
-    result = CalibrationResult(
+    return CalibrationResult(
         source=source or inputs.source,
         fit=fit,
         sweeps=sweeps,
@@ -414,7 +431,6 @@ def calibrate(
         kept_sweeps=kept,
         groups=chosen,
     )
-    return _judged(result, judge, inputs)
 
 
 def _judged(result: CalibrationResult, judge: InputSet, inputs: InputSet) -> CalibrationResult:
