@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 from collections.abc import Iterator, Mapping
@@ -13,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .apply import apply_plan as _apply
-from .calibrate import CalibrationResult, calibrate, synthesize_inputs
+from .calibrate import CalibrationResult, calibrate
 from .checks import count_parameters
 from .cloning import clone_model
 from .data import load_inputs
@@ -85,6 +84,7 @@ def convert(
     calibration_holdout: Any = None,
     synthesis_steps: int = 200,
     shapes: str = "auto",
+    progress: bool = False,
     **facts: Any,
 ) -> Conversion:
     """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
@@ -99,6 +99,7 @@ def convert(
     original and the converted model on ``data``, or on a few synthetic samples shaped like
     ``example_inputs``. ``strict`` raises
     :class:`~normswap.drift.ValidationFailed` when ``max_drift`` or ``min_top1_agreement`` fails.
+    ``progress`` shows progress bars for the long steps (synthesis, calibration, validation).
     """
     clock = [time.perf_counter()]
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
@@ -113,7 +114,7 @@ def convert(
     if calibration is not None:
         calibrated = _calibrate(original, applied.model, the_plan, calibration, calibration_fit,
                                 calibration_sweeps, synthesis_steps, tuple(inputs[0].shape[1:]), calibration_groups,
-                                calibration_steps, calibration_holdout)
+                                calibration_steps, calibration_holdout, progress)
         the_plan = calibrated.updated_plan(the_plan)
     clock.append(time.perf_counter())
     drift = None
@@ -121,7 +122,7 @@ def convert(
         samples = None if data is not None else CONVERT_VALIDATION_SAMPLES
         checked = load_inputs(original, data, limit=samples, example_shape=tuple(inputs[0].shape))
         drift = validate_drift(original, applied.model, checked, plan=the_plan, repeats=3, max_drift=max_drift,
-                               min_top1_agreement=min_top1_agreement)
+                               min_top1_agreement=min_top1_agreement, progress=progress)
     clock.append(time.perf_counter())
     after = count_parameters(applied.model)
     steps = ("plan_s", "apply_s", "calibrate_s", "validate_s")
@@ -141,16 +142,7 @@ def convert(
 
 def _calibrate(original: nn.Module, converted: nn.Module, plan: Plan, calibration: Any, fit: str, sweeps: int,
                synthesis_steps: int, input_size: tuple[int, ...], groups: str | None,
-               steps: int, holdout: Any) -> CalibrationResult:
+               steps: int, holdout: Any, progress: bool) -> CalibrationResult:
     """``calibration``: data (anything load_inputs takes) or ``"data-free"``."""
-    if isinstance(calibration, str) and calibration == "data-free":
-        started = time.perf_counter()
-        synthetic = synthesize_inputs(original, steps=synthesis_steps, input_size=input_size)
-        result = calibrate(original, converted, synthetic, plan=plan, fit=fit, sweeps=sweeps, groups=groups,
-                           steps=steps, holdout=holdout,
-                           source="data-free (synthesised from BatchNorm running statistics)")
-        synthesis = {"samples": int(synthetic.shape[0]), "steps": synthesis_steps,
-                     "seconds": time.perf_counter() - started}
-        return dataclasses.replace(result, synthesis=synthesis)
     return calibrate(original, converted, calibration, plan=plan, fit=fit, sweeps=sweeps, groups=groups, steps=steps,
-                     holdout=holdout)
+                     holdout=holdout, synthesis_steps=synthesis_steps, input_size=input_size, progress=progress)

@@ -30,6 +30,7 @@ gone, and calibration runs on them.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -45,11 +46,14 @@ from .data import InputSet, held_back, load_inputs, model_input_size
 from .drift import output_error
 from .errors import DataError, PlanError, unknown_name
 from .layers import GroupRMSNorm, group_rms_norm
+from .progress import progress_bar
 from .tracing import model_state_guard
 from .transfer import NormState, state_after, statistics_aware_affine
 from .types import Plan
 
 FITS = ("least-squares", "moments", "blend", "statistics", "reconstruct")
+DATA_FREE = "data-free"
+DATA_FREE_SOURCE = "data-free (synthesised from BatchNorm running statistics)"
 
 
 def calibratable(module: nn.Module) -> bool:
@@ -329,13 +333,19 @@ def calibrate(
     steps: int = 50,
     lr: float = 1e-3,
     holdout: Any = None,
+    synthesis_steps: int = 200,
+    input_size: tuple[int, ...] | None = None,
+    progress: bool = False,
 ) -> CalibrationResult:
     """Refit the affine of every converted norm layer of ``converted`` (in place) so that, on
     ``data``, it reproduces the original network's BatchNorm output at the same path.
 
     ``fit``: ``least-squares`` (per-channel regression), ``moments`` (match mean and variance) or
     ``blend``. ``data``: anything :func:`normswap.load_inputs` takes (a tensor, an image folder, a
-    tensor file). Modes and every other parameter of both models are left as they were.
+    tensor file), or ``"data-free"``: inputs synthesised from the original's BatchNorm running
+    statistics (:func:`synthesize_inputs` with ``synthesis_steps`` and ``input_size``, timed in
+    ``result.synthesis``). Modes and every other parameter of both models are left as they were. When
+    ``converted`` has no site to refit, nothing runs (no synthesis either) and the result says so.
 
     ``fit="statistics"`` keeps the statistics-aware affine (recomputed for the chosen group count), so
     the data only choose structure; per-site regressions attenuate the signal layer after layer in
@@ -370,17 +380,35 @@ def calibrate(
                         "groups='search'), then reconstruct.")
     if steps < 1 or not lr > 0:
         raise PlanError(f"reconstruction needs steps ≥ 1 and lr > 0, got steps={steps}, lr={lr}.")
+    sites, skipped = _sites(original, converted, plan)
+    data_free = isinstance(data, str) and data == DATA_FREE
+    if data_free and not sites:
+        return CalibrationResult(source=DATA_FREE_SOURCE, fit=fit, sweeps=0, samples=0, calibrated=(),
+                                 skipped=tuple(skipped))
+    synthesis: dict[str, Any] = {}
+    if data_free:
+        started = time.perf_counter()
+        data = synthesize_inputs(original, steps=synthesis_steps, input_size=input_size, progress=progress)
+        synthesis = {"samples": int(data.shape[0]), "steps": synthesis_steps,
+                     "seconds": time.perf_counter() - started}
+        source = source or DATA_FREE_SOURCE
     inputs = data if isinstance(data, InputSet) else load_inputs(original, data, batch_size=batch_size)
     if inputs.source == "synthetic":
         raise DataError("calibration needs data: give real samples, or calibration='data-free'.")
     inputs, judge = held_back(original, inputs, holdout, batch_size)
-    sites, skipped = _sites(original, converted, plan)
+    if not sites:
+        return CalibrationResult(source=source or inputs.source, fit=fit, sweeps=0, samples=inputs.num_samples,
+                                 calibrated=(), skipped=tuple(skipped))
     if fit == "reconstruct":
         result = _reconstruct(original, converted, sites, skipped, inputs, judge, plan, steps, lr, batch_size,
-                              source)
+                              source, progress)
     else:
-        result = _affine_sweeps(original, converted, sites, skipped, inputs, judge, fit, sweeps, groups, source)
-    return _judged(result, judge, inputs)
+        result = _affine_sweeps(original, converted, sites, skipped, inputs, judge, fit, sweeps, groups, source,
+                                progress)
+    result = dataclasses.replace(result, synthesis=synthesis)
+    if judge is not inputs:
+        return dataclasses.replace(result, judged_on=f"held back: {judge.description}", held_back=judge.num_samples)
+    return dataclasses.replace(result, judged_on="the synthesised inputs" if data_free else result.judged_on)
 
 
 def _affine_sweeps(
@@ -394,21 +422,24 @@ def _affine_sweeps(
     sweeps: int,
     groups: str | None,
     source: str | None,
+    progress: bool,
 ) -> CalibrationResult:
     """The streamed per-site fits, sweep after sweep, keeping the sweeps that served the outputs."""
-    with model_state_guard(original), model_state_guard(converted), torch.no_grad():
+    # Choosing a count changes what every later site sees, so the last sweep only refits: the final
+    # fits are made on the final structure. Searching takes at least two sweeps.
+    sweeps = max(sweeps, 2) if groups == "search" else sweeps
+    with model_state_guard(original), model_state_guard(converted), torch.no_grad(), \
+            progress_bar(progress, sweeps, f"calibrating ({fit})") as advance:
         references = [original(*batch) for batch in judge.batches]
         errors = [output_error(converted, judge.batches, references)]
         best, kept = _affines(sites), 0
         searched = {s.path: _group_candidates(s, groups == "search") for s in sites}
-        # Choosing a count changes what every later site sees, so the last sweep only refits: the
-        # final fits are made on the final structure. Searching takes at least two sweeps.
-        sweeps = max(sweeps, 2) if groups == "search" else sweeps
         for sweep in range(sweeps):
             last = sweep == sweeps - 1
             candidates = {path: () if last else c for path, c in searched.items()}
             _sweep(original, converted, sites, inputs.batches, fit, candidates)
             errors.append(output_error(converted, judge.batches, references))
+            advance(f"sweep {sweep + 1}")
             if errors[-1] >= min(errors[:-1]):
                 # Each site's fit is optimal for that site, but downstream nonlinearities can turn
                 # better layers into a worse network: keep what served the outputs best.
@@ -431,12 +462,6 @@ def _affine_sweeps(
         kept_sweeps=kept,
         groups=chosen,
     )
-
-
-def _judged(result: CalibrationResult, judge: InputSet, inputs: InputSet) -> CalibrationResult:
-    if judge is inputs:
-        return result
-    return dataclasses.replace(result, judged_on=f"held back: {judge.description}", held_back=judge.num_samples)
 
 
 def _sweep(
@@ -537,11 +562,13 @@ def _reconstruct(
     lr: float,
     batch_size: int,
     source: str | None,
+    progress: bool,
 ) -> CalibrationResult:
     x = _joined(inputs)
     producers = _exclusive_producers(converted, plan)
     fitted = {s.path: _fitted_parameters(s, producers.get(s.path)) for s in sites}
-    with model_state_guard(original), model_state_guard(converted), torch.no_grad():
+    with model_state_guard(original), model_state_guard(converted), torch.no_grad(), \
+            progress_bar(progress, len(sites), "reconstructing") as advance:
         references = [original(*batch) for batch in judge.batches]
         errors = [output_error(converted, judge.batches, references)]
         before = [p.detach().clone() for params in fitted.values() for _, p in params]
@@ -552,7 +579,8 @@ def _reconstruct(
             if not targets:
                 break
             chunk = [s for s in remaining if s.path in targets]
-            _fit_in_order(converted, chunk, producers, fitted, targets, x, steps, lr, batch_size, site_error)
+            _fit_in_order(converted, chunk, producers, fitted, targets, x, steps, lr, batch_size, site_error,
+                          advance)
             remaining = [s for s in remaining if s not in chunk]  # a pass that reaches none of them ends it
         errors.append(output_error(converted, judge.batches, references))
         kept = 1
@@ -638,6 +666,7 @@ def _fit_in_order(
     lr: float,
     batch_size: int,
     site_error: dict[str, tuple[float, float]],
+    advance: Callable[..., None],
 ) -> None:
     """One converted forward; at each chunk site (before its producer runs) fit it on its input. The
     pass ends after the last site the original reached (``targets`` is in execution order)."""
@@ -649,6 +678,7 @@ def _fit_in_order(
                 return
             site_error[site.path] = _fit_site(site, head, fitted[site.path], args[0].detach(),
                                               targets.pop(site.path), steps, lr, batch_size, seed=len(site_error))
+            advance(site.path)
             if site.path == last:
                 raise _Stop
 
@@ -788,7 +818,8 @@ def synthesize_inputs(
         std_gap = (h.var(dims, unbiased=False) + module.eps).sqrt() / scale - 1
         losses.append(mean_gap.pow(2).mean() + std_gap.pow(2).mean())
 
-    with model_state_guard(original), _hooks([m.register_forward_pre_hook(statistics_gap) for m in bns]):
+    with model_state_guard(original), _hooks([m.register_forward_pre_hook(statistics_gap) for m in bns]), \
+            progress_bar(progress, steps, "synthesising inputs") as advance:
         for step in range(steps):
             losses.clear()
             shifted = _jitter(x, step, seed) if len(size) >= 2 else x
@@ -798,6 +829,7 @@ def synthesize_inputs(
             optimizer.zero_grad()
             x.grad = grad
             optimizer.step()
+            advance(f"statistics gap {float(loss.detach()):.3g}")
     return x.detach()
 
 

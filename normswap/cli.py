@@ -214,17 +214,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if Path(args.output).exists() and not args.force:
         raise OutputExistsError(f"output directory {args.output!r} exists; pass --force to replace it.")
     model, spec = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
-    data = None if args.no_validate else _data(model, args)
+    # --data serves recovery too, with or without validation.
+    data = None if args.no_validate and not args.data else _data(model, args)
     calibration = _calibration(model, args)
     holdout = _holdout(model, args.holdout)
+    # Checked before the conversion, which can take minutes, not after it.
+    recovery_data = _recovery_data(calibration, data, args) if args.recover_steps else None
     # The saved plan records every site's input shape: the command line is not the place to save 10 ms.
     conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
                              calibration=calibration, calibration_fit=args.calibration_fit,
                              calibration_groups=args.calibration_groups,
-                             calibration_holdout=holdout, shapes="always",
+                             calibration_holdout=holdout, shapes="always", progress=True,
                              **_facts(args))
-    if args.recover_steps:
-        conversion = _recover_conversion(model, conversion, calibration, data, holdout, args)
+    if recovery_data is not None:
+        conversion = _recover_conversion(model, conversion, recovery_data, holdout, args)
     if not args.no_validate:
         conversion = _validated(model, conversion, data, args)
     io.save(conversion, args.output, force=args.force, model_spec=spec)
@@ -251,13 +254,17 @@ def _holdout(model: Any, value: str | None) -> Any:
         return load_inputs(model, value, batch_size=32)
 
 
-def _recover_conversion(model: Any, conversion: Any, calibration: Any, data: Any, holdout: Any,
-                        args: argparse.Namespace) -> Any:
-    from .recover import recover
-
+def _recovery_data(calibration: Any, data: Any, args: argparse.Namespace) -> Any:
+    """What --recover-steps trains on: the --calibrate data, else the --data."""
     train = calibration if calibration is not None and calibration != "data-free" else data
     if train is None or getattr(train, "source", "") == "synthetic":
         raise NormswapError("--recover-steps needs real data: give --calibrate DATA or --data PATH.")
+    return train
+
+
+def _recover_conversion(model: Any, conversion: Any, train: Any, holdout: Any, args: argparse.Namespace) -> Any:
+    from .recover import recover
+
     result = recover(model, conversion.model, train, steps=args.recover_steps, lr=args.recover_lr,
                      plan=conversion.plan, holdout=holdout)
     return dataclasses.replace(conversion, report=result.recorded_in(conversion.report))
@@ -290,7 +297,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     result = recover(original, converted, data, steps=args.steps, lr=args.lr, batch_size=args.recover_batch_size,
                      feature_weight=args.feature_weight, plan=plan, checkpoint_dir=args.checkpoint_dir,
                      holdout=_holdout(original, args.holdout))
-    drift = validate(original, converted, data, plan=plan, repeats=3)
+    drift = validate(original, converted, data, plan=plan, repeats=3, progress=True)
     saved = io.read_report(args.converted) if (Path(args.converted) / "report.json").is_file() else None
     base = saved or _report_from_drift(plan, drift)
     report = dataclasses.replace(result.recorded_in(base), drift=drift)

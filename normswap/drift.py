@@ -25,6 +25,7 @@ from .cloning import clone_model
 from .checks import batch_dependence, count_parameters, first_tensor
 from .data import InputSet, load_inputs
 from .errors import DataError, NormswapError
+from .progress import progress_bar
 from .tracing import model_state_guard
 from .types import DriftReport, ModelStats, OutputDrift, Plan, Site, SiteDrift
 
@@ -454,7 +455,7 @@ def validate(
     batches = data.batches[:max_batches] if max_batches else data.batches
     run = _DriftRun(original, converted, site_specs(original, converted, plan), activation_budget)
     with model_state_guard(original), model_state_guard(converted), torch.no_grad(), \
-            _progress(progress, len(batches)) as advance:
+            progress_bar(progress, len(batches), "validating") as advance:
         for batch in batches:
             _check_batch(batch)
             run.batch(batch)
@@ -484,15 +485,3 @@ def validate(
 def _check_batch(batch: tuple[torch.Tensor, ...]) -> None:
     if not batch or batch[0].shape[0] == 0:
         raise DataError("an empty batch reached validation.")
-
-
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
-    if not enabled or total < 2:
-        yield lambda: None
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("validating", total=total)
-        yield lambda: bar.advance(task)

@@ -34,6 +34,7 @@ from torch import nn
 from .data import InputSet, held_back, load_inputs
 from .drift import output_error, output_leaves
 from .errors import DataError, PlanError
+from .progress import progress_bar
 from .types import Plan, Report
 
 CHECKPOINT = "recover-checkpoint.pt"
@@ -179,7 +180,7 @@ def recover(
             best.judge(0)
         for _ in range(start):  # the same sample stream as an uninterrupted run
             _draw(pool, batch_size, generator, augment)
-        with _progress(progress and rank == 0, steps, start) as advance:
+        with progress_bar(progress and rank == 0, steps, "recovering", start) as advance:
             for step in range(start, steps):
                 batch = _draw(pool, batch_size, generator, augment, device)
                 store: dict[str, list[torch.Tensor]] = {}
@@ -198,7 +199,7 @@ def recover(
                 value = float(loss.detach())
                 first = value if step == start else first
                 final = value
-                advance(value)
+                advance(f"loss {value:.4g}")
                 if best is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
                     best.judge(step + 1)
                 if checkpoint_dir is not None and rank == 0 and (step + 1) % checkpoint_every == 0:
@@ -343,15 +344,3 @@ def _save(directory: str | Path, model: nn.Module, optimizer: Any, schedule: Any
         tmp,
     )
     os.replace(tmp, folder / CHECKPOINT)
-
-
-@contextmanager
-def _progress(enabled: bool, total: int, start: int) -> Iterator[Any]:
-    if not enabled:
-        yield lambda _loss: None
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("recovering", total=total, completed=start)
-        yield lambda loss: bar.update(task, advance=1, description=f"recovering (loss {loss:.4g})")

@@ -155,6 +155,11 @@ def report_lines(report: Report) -> list[str]:
 
 def calibration_line(info: dict[str, Any]) -> str:
     """What calibration did, from the report's JSON: fit, data, and the output error it moved."""
+    if not info.get("calibrated"):
+        skipped = info.get("skipped") or []
+        why = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
+        why += f"; … {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        return f"calibration: nothing to refit ({why or 'no site was converted'}); the calibration data went unused"
     errors = info.get("output_error") or []
     # On the calibration data itself a fit can memorise: say which data, or it reads as held-out.
     where = "these samples" if not info.get("held_back") else f"{info['held_back']} held-back samples"

@@ -151,8 +151,46 @@ def test_data_free_calibration_uses_the_running_statistics():
     plain = normswap.convert(model, "small-batch", data[:1], validate=False)
     free = normswap.convert(model, "small-batch", data[:1], validate=False, calibration="data-free",
                             synthesis_steps=60)
-    assert free.report.calibration["source"].startswith("data-free")
+    info = free.report.calibration
+    assert info["source"].startswith("data-free") and info["judged_on"] == "the synthesised inputs"
+    assert info["synthesis"]["samples"] == info["samples"] == 32 and info["synthesis"]["steps"] == 60
+    # The synthesis time is the synthesis alone, not the calibration after it.
+    assert 0 < info["synthesis"]["seconds"] < free.report.timings["calibrate_s"]
     assert drift_of(model, free.model, data) < drift_of(model, plain.model, data)
+
+
+def test_calibrating_a_conversion_that_converts_nothing_runs_nothing(monkeypatch):
+    from normswap.render import report_lines
+
+    model, data = small_cnn()
+
+    def no_synthesis(*_args, **_kwargs):
+        raise AssertionError("inputs were synthesised for a model with nothing to calibrate")
+
+    monkeypatch.setattr(importlib.import_module("normswap.calibrate"), "synthesize_inputs", no_synthesis)
+    for calibration in ("data-free", data[:16]):
+        kept = normswap.convert(model, "freeze", data[:1], validate=False, calibration=calibration)
+        info = kept.report.calibration
+        assert info["calibrated"] == [] and info["output_error"] == [] and info["sweeps"] == 0
+        line = next(line for line in report_lines(kept.report) if line.startswith("calibration:"))
+        assert line.startswith("calibration: nothing to refit (") and "undone" not in line
+    # A converted site calibration cannot refit is named with the reason.
+    folded = normswap.convert(model.eval(), "fold", data[:1], validate=False, calibration=data[:16])
+    line = next(line for line in report_lines(folded.report) if line.startswith("calibration:"))
+    assert "nothing to refit" in line and folded.report.calibration["skipped"], line
+
+
+def test_progress_bars_change_no_result():
+    model, data = small_cnn()
+    quiet = normswap.synthesize_inputs(model, num_samples=8, steps=5, input_size=(3, 8, 8))
+    shown = normswap.synthesize_inputs(model, num_samples=8, steps=5, input_size=(3, 8, 8), progress=True)
+    assert torch.equal(quiet, shown)
+    results = []
+    for progress in (False, True):
+        converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
+        result = normswap.calibrate(model, converted, data[:32], fit="reconstruct", steps=3, progress=progress)
+        results.append((result.output_error, [p.detach().clone() for p in converted.parameters()]))
+    assert results[0][0] == results[1][0] and all(map(torch.equal, results[0][1], results[1][1]))
 
 
 def test_progressive_transition_starts_exact_moves_smoothly_and_finalizes():
@@ -370,6 +408,28 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
                      "--steps", "3", "--holdout", str(tmp_path / "data.pt"), "-o", str(tmp_path / "r")]) == 0
         recovered = json.loads((tmp_path / "r" / "report.json").read_text())["calibration"]["recovery"]
         assert recovered["steps"] == 3 and recovered["held_back"] == 96 and len(recovered["holdout_error"]) == 2
+    finally:
+        _sys.path.remove(str(tmp_path))
+
+
+def test_cli_refuses_recovery_without_real_data_before_converting(tmp_path, monkeypatch, capsys):
+    from normswap import api
+    from normswap.cli import main
+
+    def no_conversion(*_args, **_kwargs):
+        raise AssertionError("converted before the arguments were checked")
+
+    monkeypatch.setattr(api, "convert", no_conversion)
+    (tmp_path / "factory.py").write_text(
+        "from tests.test_recovery import small_cnn\n\ndef build():\n    return small_cnn()[0]\n")
+    import sys as _sys
+
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        code = main(["convert", "factory:build", "--input-size", "3,8,8", "-r", "small-batch", "--calibrate",
+                     "data-free", "--recover-steps", "5", "-o", str(tmp_path / "c")])
+        assert code != 0 and "--recover-steps needs real data" in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()
     finally:
         _sys.path.remove(str(tmp_path))
 
