@@ -1,4 +1,5 @@
-"""Inputs for validation and calibration: image folders, tensor files, tensors, or synthetic.
+"""Inputs for validation and calibration: image folders, tensor files, tensors, the user's own batches
+(a DataLoader), or synthetic.
 
 Everything is checked before use (shape against the model's input config, dtype, NaN/Inf, empty or
 unreadable files) so bad data fails with a DataError that names the file and the problem.
@@ -6,7 +7,7 @@ unreadable files) so bad data fails with a DataError that names the file and the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,11 @@ def load_inputs(
     """Turn what the user gave into checked batches on the model's device and dtype.
 
     ``data``: None (synthetic from the model's input config or ``example_shape``), a tensor or tuple of
-    tensors, a folder of images (decoded and preprocessed with the model's own timm data config), or a
-    tensor file (.safetensors, .npy, or .pt/.pth loaded with ``weights_only=True``).
+    tensors (the model's positional inputs), a folder of images (decoded and preprocessed with the
+    model's own timm data config), a tensor file (.safetensors, .npy, or .pt/.pth loaded with
+    ``weights_only=True``), or the user's batches: a DataLoader or any finite iterable whose batches
+    are an input tensor or ``(input, target, …)`` (the input is the first element). Batches are read
+    until ``limit`` samples (all of them without a limit) and re-batched by ``batch_size``.
     """
     if isinstance(data, InputSet):
         return data
@@ -99,8 +103,11 @@ def load_inputs(
         return _given_tuple(model, tuple(data), batch_size, limit)
     elif isinstance(data, (str, Path)):
         tensor, source, description, warnings = _from_path(model, Path(data))
+    elif isinstance(data, Iterable) and not isinstance(data, (tuple, list, dict)):
+        tensor, source, description, warnings = _from_batches(data, limit), "batches", _batches_name(data), ()
     else:
-        raise DataError(f"data must be a tensor, a folder of images or a tensor file, got {type(data).__name__}.")
+        raise DataError(f"data must be a tensor, a folder of images, a tensor file or a DataLoader, got "
+                        f"{type(data).__name__}.")
     tensor = _check_tensor(model, tensor, description)
     if limit is not None:
         tensor = tensor[:limit]
@@ -151,6 +158,34 @@ def _synthetic(
         "samples with --data (a folder of images or a tensor file) for figures that matter."
     )
     return tensor, "synthetic", f"{n} synthetic samples of shape {size}", (warning,)
+
+
+def _from_batches(batches: Iterable[Any], limit: int | None) -> torch.Tensor:
+    """The inputs of a loader's batches, concatenated, up to ``limit`` samples."""
+    inputs, count = [], 0
+    for index, batch in enumerate(batches):
+        first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(first, torch.Tensor) or first.ndim == 0:
+            raise DataError(
+                f"batch {index} of the given batches is a {type(batch).__name__}; each batch must be an input "
+                f"tensor or (input, target, …) with the input tensor first."
+            )
+        inputs.append(first.detach().cpu())
+        count += int(first.shape[0])
+        if limit is not None and count >= limit:
+            break
+    if not inputs:
+        raise DataError("the given batches are empty: the loader yielded no batch.")
+    shapes = {tuple(t.shape[1:]) for t in inputs}
+    if len(shapes) > 1:
+        raise DataError(f"the given batches have inputs of different shapes {sorted(shapes)}; resize them to one "
+                        f"shape (calibration and recovery join the batches).")
+    return torch.cat(inputs)
+
+
+def _batches_name(batches: Iterable[Any]) -> str:
+    size = getattr(batches, "batch_size", None)
+    return f"batches from a {type(batches).__name__}" + (f" (batch size {size})" if size else "")
 
 
 def _from_path(model: nn.Module, path: Path) -> tuple[torch.Tensor, str, str, tuple[str, ...]]:

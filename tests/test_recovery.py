@@ -102,6 +102,35 @@ def test_holdout_judges_calibration_on_data_the_fit_did_not_see(fit):
     assert all(torch.equal(uncalibrated[k], v) for k, v in guarded.state_dict().items())
 
 
+def test_a_dataloader_of_the_users_batches_serves_calibration_recovery_and_validation():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from normswap.data import load_inputs
+
+    model, data = small_cnn()
+    loader = DataLoader(TensorDataset(data[:64], torch.arange(64)), batch_size=7)  # (input, target) batches
+    inputs = load_inputs(model, loader, batch_size=16)
+    assert inputs.num_samples == 64 and torch.equal(torch.cat([b[0] for b in inputs.batches]), data[:64])
+    assert load_inputs(model, loader, limit=10).num_samples == 10
+    assert load_inputs(model, (x for x, _ in loader), limit=10).num_samples == 10  # any iterable of tensors
+
+    def calibrated(calibration):
+        converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
+        return normswap.calibrate(model, converted, calibration), converted
+
+    (from_loader, a), (from_tensor, b) = calibrated(loader), calibrated(data[:64])
+    assert from_loader.output_error == from_tensor.output_error and from_loader.source == "batches"
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    result = normswap.recover(model, a, loader, steps=2, batch_size=16, progress=False)
+    assert result.steps == 2
+    assert normswap.validate(model, a, loader, measure=False).num_samples == 64
+    for bad, message in ((DataLoader(TensorDataset(data[:0]), batch_size=4), "empty"),
+                         ([{"image": data[:4]}].__iter__(), "input tensor first"),
+                         (iter([data[:4], data[:4, :, :4]]), "different shapes")):
+        with pytest.raises(normswap.NormswapError, match=message):
+            load_inputs(model, bad)
+
+
 def test_holdout_fraction_holds_back_disjoint_samples_in_order():
     from normswap.data import load_inputs
 
