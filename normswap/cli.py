@@ -17,6 +17,8 @@ from typing import Any
 from .errors import NormswapError
 
 DEFAULT_DEMO_MODEL = "resnet18"
+LR_HELP = ("default 1e-4; about 1e-5 after --calibration-fit reconstruct or a standardize recipe "
+           "(pretrained-small-batch), which start close to the original")
 HOLDOUT_HELP = (
     "samples the never-worse checks of calibration and recovery judge on, held back from fitting: a fraction of "
     "the training data (e.g. 0.25) or other data (images folder or tensor file; best from other sources)"
@@ -88,17 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--holdout", metavar="FRACTION|DATA", help=HOLDOUT_HELP)
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
                          help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
-    convert.add_argument("--recover-lr", type=float, default=1e-4, metavar="LR", help="default 1e-4")
+    convert.add_argument("--recover-lr", type=float, default=1e-4, metavar="LR", help=LR_HELP)
     _add_validation_args(convert)
 
     recover = sub.add_parser("recover", help="fine-tune a CONVERTED saved directory against ORIGINAL by distillation")
     _add_model_args(recover)
     recover.add_argument("converted", metavar="CONVERTED", help="a directory written by normswap convert")
     recover.add_argument("--data", required=True, metavar="PATH", help="training inputs: images folder or tensor file")
-    recover.add_argument("--steps", type=int, default=200)
-    recover.add_argument("--lr", type=float, default=1e-4)
-    recover.add_argument("--recover-batch-size", type=int, default=32, metavar="N")
+    recover.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
+    recover.add_argument("--lr", type=float, default=1e-4, help=LR_HELP)
+    recover.add_argument("--recover-batch-size", type=int, default=32, metavar="N", help="default 32")
     recover.add_argument("--feature-weight", type=float, default=0.0, help="weight of the per-site feature loss")
+    recover.add_argument("--augment", action="store_true",
+                         help="image inputs: new random resized crops, flips and mixups every step, the same for "
+                              "both models (for few images)")
     recover.add_argument("--checkpoint-dir", metavar="DIR", help="save every 50 steps here and resume from it")
     recover.add_argument("--holdout", metavar="FRACTION|DATA", help=HOLDOUT_HELP)
     recover.add_argument("--output", "-o", required=True, metavar="DIR")
@@ -296,7 +301,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     data = load_inputs(original, args.data, batch_size=args.recover_batch_size)
     result = recover(original, converted, data, steps=args.steps, lr=args.lr, batch_size=args.recover_batch_size,
                      feature_weight=args.feature_weight, plan=plan, checkpoint_dir=args.checkpoint_dir,
-                     holdout=_holdout(original, args.holdout))
+                     holdout=_holdout(original, args.holdout), augment=_augment(data) if args.augment else None)
     drift = validate(original, converted, data, plan=plan, repeats=3, progress=True)
     saved = io.read_report(args.converted) if (Path(args.converted) / "report.json").is_file() else None
     base = saved or _report_from_drift(plan, drift)
@@ -307,6 +312,15 @@ def cmd_recover(args: argparse.Namespace) -> int:
     _console().print(f"recovered {result.steps} steps in {result.seconds:.1f}s (loss {result.first_loss:.4g} → "
                      f"{result.final_loss:.4g}); wrote {args.output}/", highlight=False)
     return 0
+
+
+def _augment(data: Any) -> Any:
+    from .recover import ImageAugment
+
+    shape = tuple(data.first[0].shape)
+    if len(shape) != 4:
+        raise NormswapError(f"--augment makes views of images (N×C×H×W inputs); these inputs are {shape}.")
+    return ImageAugment()
 
 
 def _print_conversion(conversion: Any, output: str) -> None:

@@ -54,6 +54,8 @@ class RecoveryResult:
     holdout_error: tuple[tuple[int, float], ...] = ()
     kept_step: int | None = None
     held_back: int = 0
+    # What made the views, when ``augment`` did (its repr), so the report says how it was trained.
+    augment: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "holdout_error": [list(e) for e in self.holdout_error]}
@@ -212,7 +214,8 @@ def recover(
         converted.train(was_training)
         for m, mode in original_modes:
             m.training = mode
-    result = RecoveryResult(steps, time.perf_counter() - began, first, final, lr, world, start)
+    result = RecoveryResult(steps, time.perf_counter() - began, first, final, lr, world, start,
+                            augment=repr(augment) if augment is not None else "")
     if best is None:
         return result
     return dataclasses.replace(result, holdout_error=tuple(best.errors), kept_step=best.step,

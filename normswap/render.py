@@ -174,6 +174,8 @@ def recovery_line(info: dict[str, Any]) -> str:
     """What distillation did, from the report's JSON; with a holdout, which state it kept and why."""
     line = (f"recovery: {info.get('steps')} distillation steps at lr {fmt(info.get('lr'), 2)} in "
             f"{info.get('seconds', 0):.1f}s, loss {fmt(info.get('first_loss'))} → {fmt(info.get('final_loss'))}")
+    if info.get("augment"):
+        line += f", on views made by {info['augment']}"
     judged = {int(step): error for step, error in info.get("holdout_error") or []}
     kept = info.get("kept_step")
     if judged and kept is not None:

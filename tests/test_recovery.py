@@ -434,9 +434,12 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
         markdown = (tmp_path / "d" / "report.md").read_text()
         assert "- recovery: 2 distillation steps" in markdown and "calibration:" not in markdown
         assert main(["recover", "factory:build", str(tmp_path / "c"), *base, "--data", str(tmp_path / "data.pt"),
-                     "--steps", "3", "--holdout", str(tmp_path / "data.pt"), "-o", str(tmp_path / "r")]) == 0
+                     "--steps", "3", "--holdout", str(tmp_path / "data.pt"), "--augment",
+                     "-o", str(tmp_path / "r")]) == 0
         recovered = json.loads((tmp_path / "r" / "report.json").read_text())["calibration"]["recovery"]
         assert recovered["steps"] == 3 and recovered["held_back"] == 96 and len(recovered["holdout_error"]) == 2
+        assert recovered["augment"].startswith("ImageAugment(size=None")
+        assert "on views made by ImageAugment(" in (tmp_path / "r" / "report.md").read_text()
     finally:
         _sys.path.remove(str(tmp_path))
 
