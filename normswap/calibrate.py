@@ -342,7 +342,7 @@ def calibrate(
 
     ``fit``: ``least-squares`` (per-channel regression), ``moments`` (match mean and variance) or
     ``blend``. ``data``: anything :func:`normswap.load_inputs` takes (a tensor, an image folder, a
-    tensor file), or ``"data-free"``: inputs synthesised from the original's BatchNorm running
+    tensor file, a DataLoader), or ``"data-free"``: inputs synthesised from the original's BatchNorm running
     statistics (:func:`synthesize_inputs` with ``synthesis_steps`` and ``input_size``, timed in
     ``result.synthesis``). Modes and every other parameter of both models are left as they were. When
     ``converted`` has no site to refit, nothing runs (no synthesis either) and the result says so.

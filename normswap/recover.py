@@ -140,9 +140,9 @@ def recover(
 ) -> RecoveryResult:
     """Fine-tune ``converted`` (in place) to reproduce ``original`` on ``data`` for ``steps`` steps.
 
-    ``data``: a tensor, image folder or tensor file (see :func:`normswap.load_inputs`). Batches go to
-    the converted model's device. ``augment(batch, generator)`` transforms each batch before both
-    models see it (the same views for teacher and student, e.g. :class:`ImageAugment`): with few
+    ``data``: a tensor, image folder, tensor file or DataLoader (see :func:`normswap.load_inputs`),
+    held in memory and sampled from. Batches go to the converted model's device.
+    ``augment(batch, generator)`` transforms each batch before both models see it (the same views for teacher and student, e.g. :class:`ImageAugment`): with few
     samples, matching the original on ever new views is what keeps recovery from memorising them.
     ``callback(step, loss)`` runs after every step (evaluate, log, stop by raising). With
     ``checkpoint_dir`` the run saves its state every ``checkpoint_every`` steps and resumes from it.
@@ -154,7 +154,8 @@ def recover(
         raise PlanError(f"recovery needs at least one step, got {steps}.")
     inputs = data if isinstance(data, InputSet) else load_inputs(original, data, batch_size=batch_size)
     if inputs.source == "synthetic":
-        raise DataError("recovery needs data: give real samples (a tensor, an image folder or a tensor file).")
+        raise DataError("recovery needs data: give real samples (a tensor, an image folder, a tensor file or a "
+                        "DataLoader).")
     if eval_every < 1:
         raise PlanError(f"eval_every must be at least 1, got {eval_every}.")
     inputs, judge = held_back(original, inputs, holdout, batch_size)
