@@ -62,7 +62,8 @@ class RecoveryResult:
 
     def recorded_in(self, report: Report) -> Report:
         """``report`` with this run under ``calibration["recovery"]``, where the reports show it."""
-        return dataclasses.replace(report, calibration=dict(report.calibration or {}) | {"recovery": self.to_dict()})
+        return dataclasses.replace(report, calibration=dict(report.calibration or {}) | {"recovery": self.to_dict()},
+                                   timings=dict(report.timings) | {"recover_s": self.seconds})
 
 
 def _distillation_loss(teacher: Any, student: Any, temperature: float) -> torch.Tensor:
@@ -142,8 +143,9 @@ def recover(
 
     ``data``: a tensor, image folder, tensor file or DataLoader (see :func:`normswap.load_inputs`),
     held in memory and sampled from. Batches go to the converted model's device.
-    ``augment(batch, generator)`` transforms each batch before both models see it (the same views for teacher and student, e.g. :class:`ImageAugment`): with few
-    samples, matching the original on ever new views is what keeps recovery from memorising them.
+    ``augment(batch, generator)`` transforms each batch before both models see it (the same views for
+    teacher and student, e.g. :class:`ImageAugment`): with few samples, matching the original on ever
+    new views is what keeps recovery from memorising them.
     ``callback(step, loss)`` runs after every step (evaluate, log, stop by raising). With
     ``checkpoint_dir`` the run saves its state every ``checkpoint_every`` steps and resumes from it.
     ``holdout`` (a fraction of ``data``, held back from training, or other data) is judged every

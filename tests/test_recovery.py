@@ -420,6 +420,8 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
                      "-o", str(tmp_path / "c")]) == 0
         report = json.loads((tmp_path / "c" / "report.json").read_text())
         assert report["calibration"]["fit"] == "least-squares" and report["calibration"]["recovery"]["steps"] == 5
+        # Every step that ran has its time, validation (run after recovery) included.
+        assert all(report["timings"][k] > 0 for k in ("calibrate_s", "recover_s", "validate_s")), report["timings"]
         assert report["calibration"]["held_back"] == 24 and report["calibration"]["recovery"]["held_back"] == 24
         assert "- calibration: least-squares on 72 samples" in (tmp_path / "c" / "report.md").read_text()
         markdown = (tmp_path / "c" / "report.md").read_text()
