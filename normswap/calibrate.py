@@ -342,9 +342,9 @@ def calibrate(
 
     ``fit``: ``least-squares`` (per-channel regression), ``moments`` (match mean and variance) or
     ``blend``. ``data``: anything :func:`normswap.load_inputs` takes (a tensor, an image folder, a
-    tensor file, a DataLoader), or ``"data-free"``: inputs synthesised from the original's BatchNorm running
-    statistics (:func:`synthesize_inputs` with ``synthesis_steps`` and ``input_size``, timed in
-    ``result.synthesis``). Modes and every other parameter of both models are left as they were. When
+    tensor file, a DataLoader), or ``"data-free"``: inputs synthesised from the original's BatchNorm
+    running statistics (:func:`synthesize_inputs` with ``synthesis_steps`` and ``input_size``, timed
+    in ``result.synthesis``). Modes and every other parameter of both models are left as they were. When
     ``converted`` has no site to refit, nothing runs (no synthesis either) and the result says so.
 
     ``fit="statistics"`` keeps the statistics-aware affine (recomputed for the chosen group count), so
@@ -382,33 +382,40 @@ def calibrate(
         raise PlanError(f"reconstruction needs steps ≥ 1 and lr > 0, got steps={steps}, lr={lr}.")
     sites, skipped = _sites(original, converted, plan)
     data_free = isinstance(data, str) and data == DATA_FREE
-    if data_free and not sites:
-        return CalibrationResult(source=DATA_FREE_SOURCE, fit=fit, sweeps=0, samples=0, calibrated=(),
-                                 skipped=tuple(skipped))
+    if data_free and not sites:  # synthesis takes minutes: not for a model with nothing to refit
+        return _nothing_to_refit(DATA_FREE_SOURCE, fit, 0, skipped)
     synthesis: dict[str, Any] = {}
     if data_free:
-        started = time.perf_counter()
-        data = synthesize_inputs(original, steps=synthesis_steps, input_size=input_size, progress=progress)
-        synthesis = {"samples": int(data.shape[0]), "steps": synthesis_steps,
-                     "seconds": time.perf_counter() - started}
+        data, synthesis = _synthesised(original, synthesis_steps, input_size, progress)
         source = source or DATA_FREE_SOURCE
     inputs = data if isinstance(data, InputSet) else load_inputs(original, data, batch_size=batch_size)
     if inputs.source == "synthetic":
         raise DataError("calibration needs data: give real samples, or calibration='data-free'.")
-    inputs, judge = held_back(original, inputs, holdout, batch_size)
+    inputs, judge = held_back(original, inputs, holdout, batch_size)  # bad holdouts fail either way
     if not sites:
-        return CalibrationResult(source=source or inputs.source, fit=fit, sweeps=0, samples=inputs.num_samples,
-                                 calibrated=(), skipped=tuple(skipped))
+        return _nothing_to_refit(source or inputs.source, fit, inputs.num_samples, skipped)
     if fit == "reconstruct":
         result = _reconstruct(original, converted, sites, skipped, inputs, judge, plan, steps, lr, batch_size,
                               source, progress)
     else:
         result = _affine_sweeps(original, converted, sites, skipped, inputs, judge, fit, sweeps, groups, source,
                                 progress)
-    result = dataclasses.replace(result, synthesis=synthesis)
-    if judge is not inputs:
-        return dataclasses.replace(result, judged_on=f"held back: {judge.description}", held_back=judge.num_samples)
-    return dataclasses.replace(result, judged_on="the synthesised inputs" if data_free else result.judged_on)
+    apart = judge is not inputs
+    judged_on = f"held back: {judge.description}" if apart else "the synthesised inputs" if data_free else None
+    return dataclasses.replace(result, synthesis=synthesis, judged_on=judged_on or result.judged_on,
+                               held_back=judge.num_samples if apart else 0)
+
+
+def _nothing_to_refit(source: str, fit: str, samples: int, skipped: list[tuple[str, str]]) -> CalibrationResult:
+    return CalibrationResult(source=source, fit=fit, sweeps=0, samples=samples, calibrated=(), skipped=tuple(skipped))
+
+
+def _synthesised(original: nn.Module, steps: int, input_size: tuple[int, ...] | None,
+                 progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Inputs synthesised from the running statistics, and what the report says of them."""
+    started = time.perf_counter()
+    inputs = synthesize_inputs(original, steps=steps, input_size=input_size, progress=progress)
+    return inputs, {"samples": int(inputs.shape[0]), "steps": steps, "seconds": time.perf_counter() - started}
 
 
 def _affine_sweeps(
