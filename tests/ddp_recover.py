@@ -12,6 +12,13 @@ from torch import nn
 import normswap
 
 
+def _digest(model: nn.Module) -> str:
+    """Weights and group counts: what calibration can change."""
+    weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+    groups = str([getattr(m, "num_groups", None) for m in model.modules()]).encode()
+    return hashlib.sha256(weights + groups).hexdigest()
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -23,19 +30,25 @@ def main() -> None:
     with torch.no_grad():
         model(data)
     model.eval()
+    # Calibration is not a collective: every rank calibrating the same data must end with the same model.
+    calibrated = [normswap.convert(model, "small-batch", data[:1], validate=False, calibration=data, **options).model
+                  for options in ({"calibration_groups": "search"},
+                                  {"calibration_fit": "reconstruct", "calibration_steps": 10})]
+    calibrated_digests = [None] * dist.get_world_size()
+    dist.all_gather_object(calibrated_digests, [_digest(m) for m in calibrated])
     converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
     before = normswap.validate(model, converted, data, measure=False).headline.relative_l2
     # Each rank judges the same held-back quarter with the same weights, so all keep the same state.
     result = normswap.recover(model, converted, data, steps=30, lr=3e-3, batch_size=8, progress=False, seed=rank,
                               holdout=0.25, eval_every=10)
     after = normswap.validate(model, converted, data, measure=False).headline.relative_l2
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in converted.parameters())).hexdigest()
     digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest)
+    dist.all_gather_object(digests, _digest(converted))
     if rank == 0:
         with open(sys.argv[1], "w") as fh:
             json.dump({"world": result.world_size, "drift_before": before, "drift_after": after,
                        "same_weights": len(set(digests)) == 1,
+                       "same_calibration": all(d == calibrated_digests[0] for d in calibrated_digests),
                        "judged_steps": [step for step, _ in result.holdout_error], "kept_step": result.kept_step}, fh)
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()

@@ -385,7 +385,7 @@ def _interrupt_at(step: int, stop: int) -> None:
         raise KeyboardInterrupt
 
 
-def test_recovery_under_torchrun_with_two_processes(tmp_path):
+def test_recovery_and_calibration_under_torchrun_with_two_processes(tmp_path):
     out = tmp_path / "ddp.json"
     script = Path(__file__).with_name("ddp_recover.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
@@ -394,7 +394,7 @@ def test_recovery_under_torchrun_with_two_processes(tmp_path):
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(out.read_text())
-    assert summary["world"] == 2 and summary["same_weights"], summary
+    assert summary["world"] == 2 and summary["same_weights"] and summary["same_calibration"], summary
     assert summary["judged_steps"] == [0, 10, 20, 30] and summary["kept_step"] in summary["judged_steps"]
     assert summary["drift_after"] < summary["drift_before"]
 
