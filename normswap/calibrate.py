@@ -380,8 +380,10 @@ def calibrate(
                         "groups='search'), then reconstruct.")
     if steps < 1 or not lr > 0:
         raise PlanError(f"reconstruction needs steps ≥ 1 and lr > 0, got steps={steps}, lr={lr}.")
-    sites, skipped = _sites(original, converted, plan)
     data_free = isinstance(data, str) and data == DATA_FREE
+    if data_free and synthesis_steps < 1:
+        raise PlanError(f"data-free calibration needs synthesis_steps ≥ 1, got {synthesis_steps}.")
+    sites, skipped = _sites(original, converted, plan)
     if data_free and not sites:  # synthesis takes minutes: not for a model with nothing to refit
         return _nothing_to_refit(DATA_FREE_SOURCE, fit, 0, skipped)
     synthesis: dict[str, Any] = {}

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "reconstruct: refit each site's affine and its conv by a few gradient steps")
     convert.add_argument("--calibration-groups", choices=["search"], default=None,
                          help="with --calibrate: also choose each GroupNorm's group count (1…32) on the data")
+    convert.add_argument("--synthesis-steps", type=int, default=200, metavar="N",
+                         help="with --calibrate data-free: optimisation steps of the synthesised inputs (default "
+                              "200; each is a forward and backward pass of 32 inputs)")
     convert.add_argument("--holdout", metavar="FRACTION|DATA", help=HOLDOUT_HELP)
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
                          help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
@@ -230,7 +233,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
                              calibration=calibration, calibration_fit=args.calibration_fit,
                              calibration_groups=args.calibration_groups,
-                             calibration_holdout=holdout, shapes="always", progress=True,
+                             calibration_holdout=holdout, synthesis_steps=args.synthesis_steps,
+                             shapes="always", progress=True,
                              **_facts(args))
     if recovery_data is not None:
         conversion = _recover_conversion(model, conversion, recovery_data, holdout, args)

@@ -446,7 +446,7 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
         _sys.path.remove(str(tmp_path))
 
 
-def test_cli_refuses_recovery_without_real_data_before_converting(tmp_path, monkeypatch, capsys):
+def test_cli_data_free_calibration_and_its_early_refusal_of_recovery(tmp_path, monkeypatch, capsys):
     from normswap import api
     from normswap.cli import main
 
@@ -464,6 +464,11 @@ def test_cli_refuses_recovery_without_real_data_before_converting(tmp_path, monk
                      "data-free", "--recover-steps", "5", "-o", str(tmp_path / "c")])
         assert code != 0 and "--recover-steps needs real data" in capsys.readouterr().err
         assert not (tmp_path / "c").exists()
+        monkeypatch.undo()
+        assert main(["convert", "factory:build", "--input-size", "3,8,8", "-r", "small-batch", "--calibrate",
+                     "data-free", "--synthesis-steps", "7", "--no-validate", "-o", str(tmp_path / "d")]) == 0
+        calibration = json.loads((tmp_path / "d" / "report.json").read_text())["calibration"]
+        assert calibration["synthesis"]["steps"] == 7 and calibration["source"].startswith("data-free")
     finally:
         _sys.path.remove(str(tmp_path))
 
