@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
