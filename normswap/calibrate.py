@@ -396,12 +396,11 @@ def calibrate(
     inputs, judge = held_back(original, inputs, holdout, batch_size)  # bad holdouts fail either way
     if not sites:
         return _nothing_to_refit(source or inputs.source, fit, inputs.num_samples, skipped)
+    job = _Job(original, converted, sites, skipped, inputs, judge, source or inputs.source, progress)
     if fit == "reconstruct":
-        result = _reconstruct(original, converted, sites, skipped, inputs, judge, plan, steps, lr, batch_size,
-                              source, progress)
+        result = _reconstruct(job, plan, steps, lr, batch_size)
     else:
-        result = _affine_sweeps(original, converted, sites, skipped, inputs, judge, fit, sweeps, groups, source,
-                                progress)
+        result = _affine_sweeps(job, fit, sweeps, groups)
     apart = judge is not inputs
     judged_on = f"held back: {judge.description}" if apart else "the synthesised inputs" if data_free else None
     return dataclasses.replace(result, synthesis=synthesis, judged_on=judged_on or result.judged_on,
@@ -420,34 +419,46 @@ def _synthesised(original: nn.Module, steps: int, input_size: tuple[int, ...] | 
     return inputs, {"samples": int(inputs.shape[0]), "steps": steps, "seconds": time.perf_counter() - started}
 
 
-def _affine_sweeps(
-    original: nn.Module,
-    converted: nn.Module,
-    sites: list[_Site],
-    skipped: list[tuple[str, str]],
-    inputs: InputSet,
-    judge: InputSet,
-    fit: str,
-    sweeps: int,
-    groups: str | None,
-    source: str | None,
-    progress: bool,
-) -> CalibrationResult:
+@dataclass(frozen=True)
+class _Job:
+    """What every fit works on: both models, the sites to refit, the samples that fit them and the
+    samples that judge the result."""
+
+    original: nn.Module
+    converted: nn.Module
+    sites: list[_Site]
+    skipped: list[tuple[str, str]]
+    inputs: InputSet
+    judge: InputSet
+    source: str
+    progress: bool
+
+    def references(self) -> list[Any]:
+        """The original's outputs on the judging samples, which every judgement compares against."""
+        return [self.original(*batch) for batch in self.judge.batches]
+
+    def error(self, references: list[Any]) -> float:
+        """The converted model's output error on the judging samples, as it is now."""
+        return output_error(self.converted, self.judge.batches, references)
+
+
+def _affine_sweeps(job: _Job, fit: str, sweeps: int, groups: str | None) -> CalibrationResult:
     """The streamed per-site fits, sweep after sweep, keeping the sweeps that served the outputs."""
+    original, converted, sites = job.original, job.converted, job.sites
     # Choosing a count changes what every later site sees, so the last sweep only refits: the final
     # fits are made on the final structure. Searching takes at least two sweeps.
     sweeps = max(sweeps, 2) if groups == "search" else sweeps
     with model_state_guard(original), model_state_guard(converted), torch.no_grad(), \
-            progress_bar(progress, sweeps, f"calibrating ({fit})") as advance:
-        references = [original(*batch) for batch in judge.batches]
-        errors = [output_error(converted, judge.batches, references)]
+            progress_bar(job.progress, sweeps, f"calibrating ({fit})") as advance:
+        references = job.references()
+        errors = [job.error(references)]
         best, kept = _affines(sites), 0
         searched = {s.path: _group_candidates(s, groups == "search") for s in sites}
         for sweep in range(sweeps):
             last = sweep == sweeps - 1
             candidates = {path: () if last else c for path, c in searched.items()}
-            _sweep(original, converted, sites, inputs.batches, fit, candidates)
-            errors.append(output_error(converted, judge.batches, references))
+            _sweep(original, converted, sites, job.inputs.batches, fit, candidates)
+            errors.append(job.error(references))
             advance(f"sweep {sweep + 1}")
             if errors[-1] >= min(errors[:-1]):
                 # Each site's fit is optimal for that site, but downstream nonlinearities can turn
@@ -461,12 +472,12 @@ def _affine_sweeps(
         if site.path in chosen:
             site.converted.num_groups = chosen[site.path]
     return CalibrationResult(
-        source=source or inputs.source,
+        source=job.source,
         fit=fit,
         sweeps=sweeps,
-        samples=inputs.num_samples,
+        samples=job.inputs.num_samples,
         calibrated=tuple(s.path for s in sites),
-        skipped=tuple(skipped),
+        skipped=tuple(job.skipped),
         output_error=tuple(errors),
         kept_sweeps=kept,
         groups=chosen,
@@ -559,27 +570,15 @@ class _Stop(Exception):
     """Ends a forward pass once the sites it was run for are done."""
 
 
-def _reconstruct(
-    original: nn.Module,
-    converted: nn.Module,
-    sites: list[_Site],
-    skipped: list[tuple[str, str]],
-    inputs: InputSet,
-    judge: InputSet,
-    plan: Plan | None,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    source: str | None,
-    progress: bool,
-) -> CalibrationResult:
-    x = _joined(inputs)
+def _reconstruct(job: _Job, plan: Plan | None, steps: int, lr: float, batch_size: int) -> CalibrationResult:
+    original, converted, sites = job.original, job.converted, job.sites
+    x = _joined(job.inputs)
     producers = _exclusive_producers(converted, plan)
     fitted = {s.path: _fitted_parameters(s, producers.get(s.path)) for s in sites}
     with model_state_guard(original), model_state_guard(converted), torch.no_grad(), \
-            progress_bar(progress, len(sites), "reconstructing") as advance:
-        references = [original(*batch) for batch in judge.batches]
-        errors = [output_error(converted, judge.batches, references)]
+            progress_bar(job.progress, len(sites), "reconstructing") as advance:
+        references = job.references()
+        errors = [job.error(references)]
         before = [p.detach().clone() for params in fitted.values() for _, p in params]
         site_error: dict[str, tuple[float, float]] = {}
         remaining = list(sites)
@@ -591,19 +590,19 @@ def _reconstruct(
             _fit_in_order(converted, chunk, producers, fitted, targets, x, steps, lr, batch_size, site_error,
                           advance)
             remaining = [s for s in remaining if s not in chunk]  # a pass that reaches none of them ends it
-        errors.append(output_error(converted, judge.batches, references))
+        errors.append(job.error(references))
         kept = 1
         if errors[-1] >= errors[0]:  # as for the other fits: never worse than uncalibrated on the data
             for (_, p), old in zip((q for params in fitted.values() for q in params), before, strict=True):
                 p.copy_(old)
             kept = 0
     return CalibrationResult(
-        source=source or inputs.source,
+        source=job.source,
         fit="reconstruct",
         sweeps=1,
-        samples=inputs.num_samples,
+        samples=job.inputs.num_samples,
         calibrated=tuple(s.path for s in sites if s.path in site_error),
-        skipped=tuple(skipped) + tuple((s.path, "not reached by the forward pass") for s in sites
+        skipped=tuple(job.skipped) + tuple((s.path, "not reached by the forward pass") for s in sites
                                        if s.path not in site_error),
         output_error=tuple(errors),
         kept_sweeps=kept,
