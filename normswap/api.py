@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .apply import apply_plan as _apply
-from .calibrate import CalibrationResult, calibrate
+from .calibrate import calibrate
 from .checks import count_parameters
 from .cloning import clone_model
 from .data import load_inputs
@@ -112,9 +112,10 @@ def convert(
     clock.append(time.perf_counter())
     calibrated = None
     if calibration is not None:
-        calibrated = _calibrate(original, applied.model, the_plan, calibration, calibration_fit,
-                                calibration_sweeps, synthesis_steps, tuple(inputs[0].shape[1:]), calibration_groups,
-                                calibration_steps, calibration_holdout, progress)
+        calibrated = calibrate(original, applied.model, calibration, plan=the_plan, fit=calibration_fit,
+                               sweeps=calibration_sweeps, groups=calibration_groups, steps=calibration_steps,
+                               holdout=calibration_holdout, synthesis_steps=synthesis_steps,
+                               input_size=tuple(inputs[0].shape[1:]), progress=progress)
         the_plan = calibrated.updated_plan(the_plan)
     clock.append(time.perf_counter())
     drift = None
@@ -139,10 +140,3 @@ def convert(
         raise ValidationFailed(drift)
     return conversion
 
-
-def _calibrate(original: nn.Module, converted: nn.Module, plan: Plan, calibration: Any, fit: str, sweeps: int,
-               synthesis_steps: int, input_size: tuple[int, ...], groups: str | None,
-               steps: int, holdout: Any, progress: bool) -> CalibrationResult:
-    """``calibration``: data (anything load_inputs takes) or ``"data-free"``."""
-    return calibrate(original, converted, calibration, plan=plan, fit=fit, sweeps=sweeps, groups=groups, steps=steps,
-                     holdout=holdout, synthesis_steps=synthesis_steps, input_size=input_size, progress=progress)
