@@ -18,7 +18,7 @@ from typing import Any
 from .errors import NormswapError
 
 DEFAULT_DEMO_MODEL = "resnet18"
-LR_HELP = ("default 1e-4; about 1e-5 after --calibration-fit reconstruct or a standardize recipe "
+LR_HELP = ("default 1e-4; 1e-5 to 3e-5 after --calibration-fit reconstruct or a standardize recipe "
            "(pretrained-small-batch), which start close to the original")
 HOLDOUT_HELP = (
     "samples the never-worse checks of calibration and recovery judge on, held back from fitting: a fraction of "

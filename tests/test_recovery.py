@@ -292,6 +292,33 @@ def test_recovery_by_distillation_closes_most_of_the_gap_and_resumes(tmp_path):
                                                  strict=True))
 
 
+def test_recovery_warm_up_ramps_the_first_steps_and_must_end_before_the_run():
+    model, data = small_cnn()
+
+    def biggest_moves(warmup_steps: int) -> list[float]:
+        converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
+        before = [p.detach().clone() for p in converted.parameters()]
+        moves: list[float] = []
+
+        def measure(step: int, loss: float) -> None:
+            moves.append(max(float((p.detach() - b).abs().max())
+                             for p, b in zip(converted.parameters(), before, strict=True)))
+            before[:] = [p.detach().clone() for p in converted.parameters()]
+
+        normswap.recover(model, converted, data[:64], steps=20, lr=1e-3, batch_size=16, progress=False,
+                         warmup_steps=warmup_steps, callback=measure)
+        return moves
+
+    plain, warmed = biggest_moves(0), biggest_moves(4)
+    # Adam's first update moves every weight by about the whole learning rate, whatever its gradient.
+    assert plain[0] == pytest.approx(1e-3, rel=0.05)
+    assert warmed[0] == pytest.approx(1e-3 / 5, rel=0.05)
+    assert warmed[0] < warmed[1] < warmed[3]
+    converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    with pytest.raises(normswap.NormswapError, match="warmup_steps must be at least 0 and below steps"):
+        normswap.recover(model, converted, data[:64], steps=5, warmup_steps=5, progress=False)
+
+
 def test_recovery_with_feature_loss_runs():
     model, data = small_cnn()
     conversion = normswap.convert(model, "small-batch", data[:1], validate=False)
