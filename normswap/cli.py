@@ -20,6 +20,8 @@ from .errors import NormswapError
 DEFAULT_DEMO_MODEL = "resnet18"
 LR_HELP = ("default 1e-4; 1e-5 to 3e-5 after --calibration-fit reconstruct or a standardize recipe "
            "(pretrained-small-batch), which start close to the original")
+AUGMENT_HELP = ("image inputs: new random resized crops, flips and mixups every step, the same for both models "
+                "(for few images)")
 HOLDOUT_HELP = (
     "samples the never-worse checks of calibration and recovery judge on, held back from fitting: a fraction of "
     "the training data (e.g. 0.25) or other data (images folder or tensor file; best from other sources)"
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
                          help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
     convert.add_argument("--recover-lr", type=float, default=1e-4, metavar="LR", help=LR_HELP)
+    convert.add_argument("--augment", action="store_true", help="with --recover-steps: " + AUGMENT_HELP)
     _add_validation_args(convert)
 
     recover = sub.add_parser("recover", help="fine-tune a CONVERTED saved directory against ORIGINAL by distillation")
@@ -105,9 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--lr", type=float, default=1e-4, help=LR_HELP)
     recover.add_argument("--recover-batch-size", type=int, default=32, metavar="N", help="default 32")
     recover.add_argument("--feature-weight", type=float, default=0.0, help="weight of the per-site feature loss")
-    recover.add_argument("--augment", action="store_true",
-                         help="image inputs: new random resized crops, flips and mixups every step, the same for "
-                              "both models (for few images)")
+    recover.add_argument("--augment", action="store_true", help=AUGMENT_HELP)
     recover.add_argument("--checkpoint-dir", metavar="DIR", help="save every 50 steps here and resume from it")
     recover.add_argument("--holdout", metavar="FRACTION|DATA", help=HOLDOUT_HELP)
     recover.add_argument("--output", "-o", required=True, metavar="DIR")
@@ -229,6 +230,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     holdout = _holdout(model, args.holdout)
     # Checked before the conversion, which can take minutes, not after it.
     recovery_data = _recovery_data(calibration, data, args) if args.recover_steps else None
+    if args.augment and recovery_data is None:
+        raise NormswapError("--augment makes the views --recover-steps trains on: give --recover-steps N too.")
+    augment = _augment(recovery_data) if args.augment else None
     # The saved plan records every site's input shape: the command line is not the place to save 10 ms.
     conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
                              calibration=calibration, calibration_fit=args.calibration_fit,
@@ -237,7 +241,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              shapes="always", progress=True,
                              **_facts(args))
     if recovery_data is not None:
-        conversion = _recover_conversion(model, conversion, recovery_data, holdout, args)
+        conversion = _recover_conversion(model, conversion, recovery_data, holdout, augment, args)
     if not args.no_validate:
         conversion = _validated(model, conversion, data, args)
     io.save(conversion, args.output, force=args.force, model_spec=spec)
@@ -272,11 +276,12 @@ def _recovery_data(calibration: Any, data: Any, args: argparse.Namespace) -> Any
     return train
 
 
-def _recover_conversion(model: Any, conversion: Any, train: Any, holdout: Any, args: argparse.Namespace) -> Any:
+def _recover_conversion(model: Any, conversion: Any, train: Any, holdout: Any, augment: Any,
+                        args: argparse.Namespace) -> Any:
     from .recover import recover
 
     result = recover(model, conversion.model, train, steps=args.recover_steps, lr=args.recover_lr,
-                     plan=conversion.plan, holdout=holdout)
+                     plan=conversion.plan, holdout=holdout, augment=augment)
     return dataclasses.replace(conversion, report=result.recorded_in(conversion.report))
 
 

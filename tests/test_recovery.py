@@ -457,11 +457,12 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
         kept = report["calibration"]["recovery"]["kept_step"]
         assert "5 distillation steps at lr 0.0001" in recovery and "on 24 held-back samples" in recovery
         assert recovery.endswith(f"(state after step {kept} of 5 kept)")
-        # Recovery alone: a recovery line and no calibration line.
+        # Recovery alone, on augmented views: a recovery line that names them, and no calibration line.
         assert main(["convert", "factory:build", *base, "-r", "small-batch", "--recover-steps", "2", "--data",
-                     str(tmp_path / "data.pt"), "-o", str(tmp_path / "d")]) == 0
+                     str(tmp_path / "data.pt"), "--augment", "-o", str(tmp_path / "d")]) == 0
         markdown = (tmp_path / "d" / "report.md").read_text()
         assert "- recovery: 2 distillation steps" in markdown and "calibration:" not in markdown
+        assert "on views made by ImageAugment(" in markdown
         assert main(["recover", "factory:build", str(tmp_path / "c"), *base, "--data", str(tmp_path / "data.pt"),
                      "--steps", "3", "--holdout", str(tmp_path / "data.pt"), "--augment",
                      "-o", str(tmp_path / "r")]) == 0
@@ -490,6 +491,10 @@ def test_cli_data_free_calibration_and_its_early_refusal_of_recovery(tmp_path, m
         code = main(["convert", "factory:build", "--input-size", "3,8,8", "-r", "small-batch", "--calibrate",
                      "data-free", "--recover-steps", "5", "-o", str(tmp_path / "c")])
         assert code != 0 and "--recover-steps needs real data" in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()
+        code = main(["convert", "factory:build", "--input-size", "3,8,8", "-r", "small-batch", "--augment",
+                     "-o", str(tmp_path / "c")])
+        assert code != 0 and "--augment makes the views --recover-steps trains on" in capsys.readouterr().err
         assert not (tmp_path / "c").exists()
         monkeypatch.undo()
         assert main(["convert", "factory:build", "--input-size", "3,8,8", "-r", "small-batch", "--calibrate",
