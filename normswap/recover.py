@@ -7,9 +7,9 @@ original's). The default optimiser is AdamW at 1e-4 with cosine decay (after an 
 warm-up) and gradient clipping: pretrained networks are wrecked by the learning rates used to train
 from scratch, and one that starts close to the original wants less still (on EfficientNet-Lite1 from
 ``pretrained-small-batch``, 1e-5 and 3e-5 took held-out agreement from 68 % to 76-79 % over about
-600 GPU steps, 1e-4 to 67 %). Under ``torchrun``
-the converted model is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU) and each rank
-draws its own samples; rank 0 writes checkpoints and shows progress.
+600 GPU steps, 1e-4 to 67 %). Under ``torchrun`` the converted model is wrapped in
+DistributedDataParallel (gloo on CPU, NCCL on GPU) and each rank draws its own samples; rank 0 writes
+checkpoints and shows progress.
 
 With ``holdout`` the run is judged on samples it does not train on, every ``eval_every`` steps and
 at the start, and the best state is what it returns: distillation on a few samples can memorise them
