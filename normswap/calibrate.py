@@ -43,6 +43,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .data import InputSet, held_back, load_inputs, model_input_size
+from .distributed import (
+    broadcast_module,
+    broadcast_object,
+    distributed,
+    mean_over_ranks,
+    sum_over_ranks,
+    total,
+    world,
+)
 from .drift import output_error
 from .errors import DataError, PlanError, unknown_name
 from .layers import GroupRMSNorm, group_rms_norm
@@ -115,6 +124,19 @@ class _Moments:
                 x + y for x, y in zip((self.n, self.t, self.nn_, self.tt, self.nt), sums, strict=True)
             )
         self.count += a.shape[0]
+
+    def packed(self, channels: int, device: torch.device) -> torch.Tensor:
+        """The sums and the count as one vector (zeros where this rank saw nothing)."""
+        if self.n is None:
+            return torch.zeros(5 * channels + 1, dtype=torch.float64, device=device)
+        sums = (self.n, self.t, self.nn_, self.tt, self.nt)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=device)
+        return torch.cat([x.to(device, torch.float64) for x in sums] + [count])
+
+    @classmethod
+    def unpacked(cls, vector: torch.Tensor, channels: int) -> _Moments:
+        n, t, nn_, tt, nt = vector[: 5 * channels].view(5, channels)
+        return cls(n, t, nn_, tt, nt, int(vector[-1].item()))
 
     def residual(self) -> float:
         """Sum of squared errors of the per-channel least-squares fit: what a group count is judged by."""
@@ -365,6 +387,13 @@ def calibrate(
     (anything ``load_inputs`` takes): judged on it, all of ``data`` is fitted. Hold back whole
     sources (other photos, other recordings): views of one photo on both sides judge memorisation
     as success.
+
+    Under ``torchrun`` (an initialized process group with several ranks) calibration is a collective
+    call: run it on every rank, each with its own data (e.g. its DistributedSampler shard). The affine
+    fits add up every rank's sums, so they are fits to all the data together and the same on every
+    rank (group counts too); every keep-or-undo check averages the ranks' errors. ``reconstruct``
+    fits on each rank, then rank 0's fit and report go to all. Data-free, each rank synthesises its
+    own inputs.
     """
     if groups not in (None, "search"):
         raise unknown_name("calibration groups mode", str(groups), ["search"], "groups=")
@@ -397,14 +426,20 @@ def calibrate(
     if not sites:
         return _nothing_to_refit(source or inputs.source, fit, inputs.num_samples, skipped)
     job = _Job(original, converted, sites, skipped, inputs, judge, source or inputs.source, progress)
+    apart = judge is not inputs
     if fit == "reconstruct":
-        result = _reconstruct(job, plan, steps, lr, batch_size)
+        # Its gradient steps are not collective: under torchrun every rank fits on its own data and
+        # rank 0's fit, with rank 0's report, goes to all.
+        result = _reconstruct(dataclasses.replace(job, collective=False), plan, steps, lr, batch_size)
+        held = judge.num_samples if apart else 0
+        broadcast_module(converted)
+        result, held = broadcast_object((result, held))
     else:
         result = _affine_sweeps(job, fit, sweeps, groups)
-    apart = judge is not inputs
+        result = dataclasses.replace(result, samples=total(result.samples))
+        held = total(judge.num_samples) if apart else 0
     judged_on = f"held back: {judge.description}" if apart else "the synthesised inputs" if data_free else None
-    return dataclasses.replace(result, synthesis=synthesis, judged_on=judged_on or result.judged_on,
-                               held_back=judge.num_samples if apart else 0)
+    return dataclasses.replace(result, synthesis=synthesis, judged_on=judged_on or result.judged_on, held_back=held)
 
 
 def _nothing_to_refit(source: str, fit: str, samples: int, skipped: list[tuple[str, str]]) -> CalibrationResult:
@@ -415,7 +450,8 @@ def _synthesised(original: nn.Module, steps: int, input_size: tuple[int, ...] | 
                  progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     """Inputs synthesised from the running statistics, and what the report says of them."""
     started = time.perf_counter()
-    inputs = synthesize_inputs(original, steps=steps, input_size=input_size, progress=progress)
+    # Under torchrun each rank synthesises its own inputs, and the affine fits sum them all.
+    inputs = synthesize_inputs(original, steps=steps, input_size=input_size, progress=progress, seed=world()[0])
     return inputs, {"samples": int(inputs.shape[0]), "steps": steps, "seconds": time.perf_counter() - started}
 
 
@@ -432,6 +468,9 @@ class _Job:
     judge: InputSet
     source: str
     progress: bool
+    # Under torchrun: whether judgements average every rank's (a collective call), so that all ranks
+    # keep or undo alike.
+    collective: bool = True
 
     def references(self) -> list[Any]:
         """The original's outputs on the judging samples, which every judgement compares against."""
@@ -439,7 +478,8 @@ class _Job:
 
     def error(self, references: list[Any]) -> float:
         """The converted model's output error on the judging samples, as it is now."""
-        return output_error(self.converted, self.judge.batches, references)
+        error = output_error(self.converted, self.judge.batches, references)
+        return mean_over_ranks(error, self.judge.num_samples) if self.collective else error
 
 
 def _affine_sweeps(job: _Job, fit: str, sweeps: int, groups: str | None) -> CalibrationResult:
@@ -503,6 +543,8 @@ def _sweep(
         ]
         with _hooks(handles):
             converted(*batch)
+    if distributed():
+        _sum_over_ranks(moments, sites, candidates)
     for site in sites:
         if candidates[site.path]:
             fitted = {g: moments[(site.path, g)] for g in candidates[site.path] if (site.path, g) in moments}
@@ -520,6 +562,22 @@ def _sweep(
             gamma, beta = stats.fit(fit, site.converted.weight.detach())
         site.converted.weight.copy_(gamma.to(site.converted.weight.dtype))
         site.converted.bias.copy_(beta.to(site.converted.bias.dtype))
+
+
+def _sum_over_ranks(moments: dict[Any, _Moments], sites: list[_Site], candidates: dict[str, tuple[int, ...]]) -> None:
+    """Every rank's sums, added up in place: the fits after a sweep are then those of all the ranks'
+    data together, and the same on every rank. (Within a sweep each rank streams its own fits
+    downstream; those only shape what later sites see.)"""
+    keys = [((s.path, g) if candidates[s.path] else s.path, s.converted.weight.numel())
+            for s in sites for g in (candidates[s.path] or (None,))]
+    device = next((m.n.device for m in moments.values() if m.n is not None), torch.device("cpu"))
+    summed = sum_over_ranks(torch.cat([moments.get(k, _Moments()).packed(c, device) for k, c in keys]))
+    offset = 0
+    for key, channels in keys:
+        part = summed[offset: offset + 5 * channels + 1]
+        offset += part.numel()
+        if part[-1] > 0:  # seen by some rank
+            moments[key] = _Moments.unpacked(part, channels)
 
 
 def _statistics_affine(site: _Site, groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ checkpoints and shows progress.
 With ``holdout`` the run is judged on samples it does not train on, every ``eval_every`` steps and
 at the start, and the best state is what it returns: distillation on a few samples can memorise them
 (on Lite1 a learning rate of 1e-4 took held-out agreement from 51 % to 35 %), and only data it did
-not see can tell. Every rank judges the same data with the same weights, so all keep the same state.
+not see can tell. Under ``torchrun`` a judgement averages every rank's held-back samples (weighted by
+their number), so all ranks keep the same state even when each holds back its own.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .data import InputSet, held_back, load_inputs
+from .distributed import mean_over_ranks
+from .distributed import world as world_of_ranks
 from .drift import output_error, output_leaves
 from .errors import DataError, PlanError
 from .progress import progress_bar
@@ -115,12 +117,6 @@ def _feature_loss(store: dict[str, list[torch.Tensor]]) -> torch.Tensor | None:
     return torch.stack(terms).mean() if terms else None
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def recover(
     original: nn.Module,
     converted: nn.Module,
@@ -170,7 +166,7 @@ def recover(
         raise PlanError(f"warmup_steps must be at least 0 and below steps ({steps}), got {warmup_steps}.")
     inputs, judge = held_back(original, inputs, holdout, batch_size)
     pool = torch.cat([b[0] for b in inputs.batches])
-    rank, world = _world()
+    rank, world = world_of_ranks()
     student: nn.Module = converted
     if world > 1:
         student = nn.parallel.DistributedDataParallel(converted)
@@ -257,6 +253,7 @@ class _Best:
     def __init__(self, original: nn.Module, converted: nn.Module, judge: InputSet) -> None:
         self.converted = converted
         self.batches = list(judge.batches)
+        self.samples = judge.num_samples
         with torch.no_grad():
             self.references = [original(*batch) for batch in self.batches]
         self.errors: list[tuple[int, float]] = []
@@ -269,6 +266,7 @@ class _Best:
         self.converted.eval()
         with torch.no_grad():
             error = output_error(self.converted, self.batches, self.references)
+        error = mean_over_ranks(error, self.samples)  # ranks may hold back different samples: decide alike
         self.converted.train(was_training)
         self.errors.append((step, error))
         if error < self.error:

@@ -1,4 +1,5 @@
-"""Run by tests/test_recovery.py under torchrun with 2 processes: recovery with DDP on gloo."""
+"""Run by tests/test_recovery.py under torchrun with 2 processes: calibration and recovery (DDP on gloo),
+each rank on its own shard of the data."""
 
 import hashlib
 import json
@@ -19,36 +20,44 @@ def _digest(model: nn.Module) -> str:
     return hashlib.sha256(weights + groups).hexdigest()
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)  # every rank builds the same model and data
+def build() -> tuple[nn.Module, torch.Tensor]:
+    """The same model and data on every rank (and in the test that compares against one process)."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 5)).eval()
     data = torch.randn(64, 3, 6, 6)
     model.train()
     with torch.no_grad():
         model(data)
-    model.eval()
-    # Calibration is not a collective: every rank calibrating the same data must end with the same model.
-    calibrated = [normswap.convert(model, "small-batch", data[:1], validate=False, calibration=data, **options).model
+    return model.eval(), data
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, data = build()
+    shard = data[rank::world]  # each rank calibrates, trains and holds back on its own samples
+    # Calibration is collective: the affine fits add up every rank's sums, reconstruction sends rank 0's fit.
+    fitted = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=shard, calibration_sweeps=1)
+    calibrated = [normswap.convert(model, "small-batch", data[:1], validate=False, calibration=shard, **options).model
                   for options in ({"calibration_groups": "search"},
                                   {"calibration_fit": "reconstruct", "calibration_steps": 10})]
-    calibrated_digests = [None] * dist.get_world_size()
-    dist.all_gather_object(calibrated_digests, [_digest(m) for m in calibrated])
+    calibrated_digests = [None] * world
+    dist.all_gather_object(calibrated_digests, [_digest(m) for m in [fitted.model, *calibrated]])
     converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
     before = normswap.validate(model, converted, data, measure=False).headline.relative_l2
-    # Each rank judges the same held-back quarter with the same weights, so all keep the same state.
-    result = normswap.recover(model, converted, data, steps=30, lr=3e-3, batch_size=8, progress=False, seed=rank,
+    result = normswap.recover(model, converted, shard, steps=30, lr=3e-3, batch_size=8, progress=False, seed=rank,
                               holdout=0.25, eval_every=10)
     after = normswap.validate(model, converted, data, measure=False).headline.relative_l2
-    digests = [None] * dist.get_world_size()
+    digests = [None] * world
     dist.all_gather_object(digests, _digest(converted))
     if rank == 0:
+        torch.save(fitted.model.state_dict(), sys.argv[1] + ".fitted.pt")
         with open(sys.argv[1], "w") as fh:
             json.dump({"world": result.world_size, "drift_before": before, "drift_after": after,
                        "same_weights": len(set(digests)) == 1,
                        "same_calibration": all(d == calibrated_digests[0] for d in calibrated_digests),
+                       "calibration_samples": fitted.report.calibration["samples"],
                        "judged_steps": [step for step, _ in result.holdout_error], "kept_step": result.kept_step}, fh)
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()

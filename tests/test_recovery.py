@@ -412,7 +412,7 @@ def _interrupt_at(step: int, stop: int) -> None:
         raise KeyboardInterrupt
 
 
-def test_recovery_and_calibration_under_torchrun_with_two_processes(tmp_path):
+def test_recovery_and_calibration_under_torchrun_with_two_processes_on_their_own_shards(tmp_path):
     out = tmp_path / "ddp.json"
     script = Path(__file__).with_name("ddp_recover.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
@@ -424,6 +424,15 @@ def test_recovery_and_calibration_under_torchrun_with_two_processes(tmp_path):
     assert summary["world"] == 2 and summary["same_weights"] and summary["same_calibration"], summary
     assert summary["judged_steps"] == [0, 10, 20, 30] and summary["kept_step"] in summary["judged_steps"]
     assert summary["drift_after"] < summary["drift_before"]
+    # Two shards of 32 fit what one process fits on all 64 samples (one site: its sums are the whole story).
+    from .ddp_recover import build
+
+    model, data = build()
+    alone = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=data, calibration_sweeps=1)
+    assert summary["calibration_samples"] == 64 == alone.report.calibration["samples"]
+    sharded = torch.load(str(out) + ".fitted.pt", weights_only=True)
+    for name, value in alone.model.state_dict().items():
+        torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path):

@@ -1,0 +1,80 @@
+"""The collectives that keep every ``torchrun`` rank's calibration and recovery the same.
+
+Outside an initialized process group (or with one process) each is the identity, so single-process
+code pays nothing. Inside one, every rank must make the same calls in the same order: calibration and
+recovery are collective operations there, run on every rank, each with its own shard of the data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def distributed() -> bool:
+    return world()[1] > 1
+
+
+def _device() -> torch.device:
+    # NCCL moves CUDA tensors only; gloo takes CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``values`` over all ranks (float64), on ``values``' device."""
+    if not distributed():
+        return values.double()
+    shared = values.detach().to(_device(), torch.float64)
+    dist.all_reduce(shared)
+    return shared.to(values.device)
+
+
+def total(count: int) -> int:
+    """A count summed over all ranks."""
+    return int(sum_over_ranks(torch.tensor([float(count)])).item())
+
+
+def mean_over_ranks(value: float, weight: float) -> float:
+    """The ``weight``-weighted mean over ranks of each rank's ``value`` (e.g. an error averaged over its
+    own samples, weighted by how many it had): every rank gets the same number to decide by."""
+    if not distributed():
+        return value
+    both = sum_over_ranks(torch.tensor([value * weight, float(weight)]))
+    return float(both[0] / both[1].clamp_min(1e-12))
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Rank 0's parameters, buffers and group counts, onto every rank's ``module`` in place."""
+    if not distributed():
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            shared = tensor.to(_device())
+            dist.broadcast(shared, 0)
+            tensor.copy_(shared)
+    groups = [getattr(m, "num_groups", None) for m in module.modules()]
+    groups = broadcast_object(groups)
+    for m, count in zip(module.modules(), groups, strict=True):
+        if count is not None:
+            m.num_groups = count
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (pickled between the ranks of one job)."""
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
