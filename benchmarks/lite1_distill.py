@@ -288,6 +288,7 @@ def render(results: list[dict[str, Any]]) -> str:
     lines = [
         "## Recovery at scale: long distillation of EfficientNet-Lite1 on augmented views",
         "",
+        "`benchmarks/lite1_distill_gpu.sh PHOTOS.npz OUT` runs the `pretrained-small-batch` series, each run "
         "`python benchmarks/lite1_distill.py --device cuda --start pretrained-small-batch --minutes M --lr LR "
         "[--warmup N --feature-weight 1 --synth 256 --mix P --scale A B]` (`--start statistics`, the default, for "
         "the GroupNorm series), rendered by `python benchmarks/lite1_distill.py --render --write` · the model, "
