@@ -43,15 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .data import InputSet, held_back, load_inputs, model_input_size
-from .distributed import (
-    broadcast_module,
-    broadcast_object,
-    distributed,
-    mean_over_ranks,
-    sum_over_ranks,
-    total,
-    world,
-)
+from .distributed import average_gradients, distributed, mean_over_ranks, sum_over_ranks, total, world
 from .drift import output_error
 from .errors import DataError, PlanError, unknown_name
 from .layers import GroupRMSNorm, group_rms_norm
@@ -137,6 +129,12 @@ class _Moments:
     def unpacked(cls, vector: torch.Tensor, channels: int) -> _Moments:
         n, t, nn_, tt, nt = vector[: 5 * channels].view(5, channels)
         return cls(n, t, nn_, tt, nt, int(vector[-1].item()))
+
+    def over_ranks(self, channels: int, device: torch.device) -> _Moments:
+        """Every rank's sums added up (itself outside torchrun)."""
+        if not distributed():
+            return self
+        return _Moments.unpacked(sum_over_ranks(self.packed(channels, device)), channels)
 
     def residual(self) -> float:
         """Sum of squared errors of the per-channel least-squares fit: what a group count is judged by."""
@@ -391,9 +389,9 @@ def calibrate(
     Under ``torchrun`` (an initialized process group with several ranks) calibration is a collective
     call: run it on every rank, each with its own data (e.g. its DistributedSampler shard). The affine
     fits add up every rank's sums, so they are fits to all the data together and the same on every
-    rank (group counts too); every keep-or-undo check averages the ranks' errors. ``reconstruct``
-    fits on each rank, then rank 0's fit and report go to all. Data-free, each rank synthesises its
-    own inputs.
+    rank (group counts too); ``reconstruct`` adds up its sums and averages its gradients the same
+    way; every keep-or-undo check averages the ranks' errors. Data-free, each rank synthesises its own
+    inputs.
     """
     if groups not in (None, "search"):
         raise unknown_name("calibration groups mode", str(groups), ["search"], "groups=")
@@ -426,20 +424,12 @@ def calibrate(
     if not sites:
         return _nothing_to_refit(source or inputs.source, fit, inputs.num_samples, skipped)
     job = _Job(original, converted, sites, skipped, inputs, judge, source or inputs.source, progress)
+    result = _reconstruct(job, plan, steps, lr, batch_size) if fit == "reconstruct" else \
+        _affine_sweeps(job, fit, sweeps, groups)
     apart = judge is not inputs
-    if fit == "reconstruct":
-        # Its gradient steps are not collective: under torchrun every rank fits on its own data and
-        # rank 0's fit, with rank 0's report, goes to all.
-        result = _reconstruct(dataclasses.replace(job, collective=False), plan, steps, lr, batch_size)
-        held = judge.num_samples if apart else 0
-        broadcast_module(converted)
-        result, held = broadcast_object((result, held))
-    else:
-        result = _affine_sweeps(job, fit, sweeps, groups)
-        result = dataclasses.replace(result, samples=total(result.samples))
-        held = total(judge.num_samples) if apart else 0
     judged_on = f"held back: {judge.description}" if apart else "the synthesised inputs" if data_free else None
-    return dataclasses.replace(result, synthesis=synthesis, judged_on=judged_on or result.judged_on, held_back=held)
+    return dataclasses.replace(result, synthesis=synthesis, judged_on=judged_on or result.judged_on,
+                               samples=total(result.samples), held_back=total(judge.num_samples) if apart else 0)
 
 
 def _nothing_to_refit(source: str, fit: str, samples: int, skipped: list[tuple[str, str]]) -> CalibrationResult:
@@ -468,9 +458,6 @@ class _Job:
     judge: InputSet
     source: str
     progress: bool
-    # Under torchrun: whether judgements average every rank's (a collective call), so that all ranks
-    # keep or undo alike.
-    collective: bool = True
 
     def references(self) -> list[Any]:
         """The original's outputs on the judging samples, which every judgement compares against."""
@@ -479,7 +466,7 @@ class _Job:
     def error(self, references: list[Any]) -> float:
         """The converted model's output error on the judging samples, as it is now."""
         error = output_error(self.converted, self.judge.batches, references)
-        return mean_over_ranks(error, self.judge.num_samples) if self.collective else error
+        return mean_over_ranks(error, self.judge.num_samples)  # under torchrun all ranks keep or undo alike
 
 
 def _affine_sweeps(job: _Job, fit: str, sweeps: int, groups: str | None) -> CalibrationResult:
@@ -782,15 +769,16 @@ def _fit_site(
         return site.original.forward(part).detach().float()
 
     chunks = [slice(i, i + 64) for i in range(0, len(inp), 64)]
-    count = max(original_input.numel(), 1)
+    count = max(total(original_input.numel()), 1)
 
     def squared_sums() -> tuple[float, float]:
-        """Sums of the squared error and of the squared target over the whole set."""
+        """Sums of the squared error and of the squared target over the whole set (every rank's)."""
         err = size = 0.0
         for c in chunks:
             t = target(original_input[c])
             err += float((run(inp[c]).float() - t).pow(2).sum())
             size += float(t.pow(2).sum())
+        err, size = sum_over_ranks(torch.tensor([err, size], dtype=torch.float64)).tolist()
         return err, size
 
     first_sum, target_sum = squared_sums()
@@ -812,6 +800,7 @@ def _fit_site(
             loss = (run(inp[pick]).float() - target(original_input[pick])).pow(2).mean() / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients([p for _, p in params])  # every rank takes the same step
             optimizer.step()
         for (_, p), was in zip(params, trainable, strict=True):
             p.grad = None
@@ -838,6 +827,7 @@ def _least_squares_start(
         n = normalized(module, head.forward(part) if head is not None else part)
         assert n is not None
         stats.add(n, _bn_target(site.original, original_input[i:i + chunk]))
+    stats = stats.over_ranks(module.weight.numel(), inp.device)
     old = module.weight.detach().clone(), module.bias.detach().clone()
     gamma, beta = stats.fit("least-squares", old[0])
     module.weight.copy_(gamma.to(old[0].dtype))

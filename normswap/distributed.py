@@ -7,11 +7,8 @@ recovery are collective operations there, run on every rank, each with its own s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 def world() -> tuple[int, int]:
@@ -43,7 +40,7 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 def total(count: int) -> int:
     """A count summed over all ranks."""
-    return int(sum_over_ranks(torch.tensor([float(count)])).item())
+    return int(sum_over_ranks(torch.tensor([float(count)], dtype=torch.float64)).item())
 
 
 def mean_over_ranks(value: float, weight: float) -> float:
@@ -51,30 +48,18 @@ def mean_over_ranks(value: float, weight: float) -> float:
     own samples, weighted by how many it had): every rank gets the same number to decide by."""
     if not distributed():
         return value
-    both = sum_over_ranks(torch.tensor([value * weight, float(weight)]))
+    both = sum_over_ranks(torch.tensor([value * weight, float(weight)], dtype=torch.float64))
     return float(both[0] / both[1].clamp_min(1e-12))
 
 
-def broadcast_module(module: nn.Module) -> None:
-    """Rank 0's parameters, buffers and group counts, onto every rank's ``module`` in place."""
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Each parameter's gradient replaced by its mean over the ranks (missing gradients count as zero),
+    so that ranks holding the same weights take the same optimiser step."""
     if not distributed():
         return
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            shared = tensor.to(_device())
-            dist.broadcast(shared, 0)
-            tensor.copy_(shared)
-    groups = [getattr(m, "num_groups", None) for m in module.modules()]
-    groups = broadcast_object(groups)
-    for m, count in zip(module.modules(), groups, strict=True):
-        if count is not None:
-            m.num_groups = count
-
-
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (pickled between the ranks of one job)."""
-    if not distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    mean = sum_over_ranks(torch.cat([g.reshape(-1) for g in grads])) / world()[1]
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = mean[offset: offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()

@@ -37,13 +37,13 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model, data = build()
     shard = data[rank::world]  # each rank calibrates, trains and holds back on its own samples
-    # Calibration is collective: the affine fits add up every rank's sums, reconstruction sends rank 0's fit.
+    # Calibration is collective: the fits add up every rank's sums, reconstruction averages its gradients too.
     fitted = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=shard, calibration_sweeps=1)
-    calibrated = [normswap.convert(model, "small-batch", data[:1], validate=False, calibration=shard, **options).model
+    calibrated = [normswap.convert(model, "small-batch", data[:1], validate=False, calibration=shard, **options)
                   for options in ({"calibration_groups": "search"},
                                   {"calibration_fit": "reconstruct", "calibration_steps": 10})]
     calibrated_digests = [None] * world
-    dist.all_gather_object(calibrated_digests, [_digest(m) for m in [fitted.model, *calibrated]])
+    dist.all_gather_object(calibrated_digests, [_digest(c.model) for c in [fitted, *calibrated]])
     converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
     before = normswap.validate(model, converted, data, measure=False).headline.relative_l2
     result = normswap.recover(model, converted, shard, steps=30, lr=3e-3, batch_size=8, progress=False, seed=rank,
@@ -57,7 +57,8 @@ def main() -> None:
             json.dump({"world": result.world_size, "drift_before": before, "drift_after": after,
                        "same_weights": len(set(digests)) == 1,
                        "same_calibration": all(d == calibrated_digests[0] for d in calibrated_digests),
-                       "calibration_samples": fitted.report.calibration["samples"],
+                       "calibration_samples": [c.report.calibration["samples"] for c in [fitted, *calibrated]],
+                       "reconstructed": calibrated[1].report.calibration["calibrated"],
                        "judged_steps": [step for step, _ in result.holdout_error], "kept_step": result.kept_step}, fh)
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()

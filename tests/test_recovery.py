@@ -429,7 +429,8 @@ def test_recovery_and_calibration_under_torchrun_with_two_processes_on_their_own
 
     model, data = build()
     alone = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=data, calibration_sweeps=1)
-    assert summary["calibration_samples"] == 64 == alone.report.calibration["samples"]
+    assert summary["calibration_samples"] == [64, 64, 64] and alone.report.calibration["samples"] == 64
+    assert summary["reconstructed"] == ["1"]
     sharded = torch.load(str(out) + ".fitted.pt", weights_only=True)
     for name, value in alone.model.state_dict().items():
         torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6)
