@@ -424,8 +424,10 @@ def calibrate(
     if not sites:
         return _nothing_to_refit(source or inputs.source, fit, inputs.num_samples, skipped)
     job = _Job(original, converted, sites, skipped, inputs, judge, source or inputs.source, progress)
-    result = _reconstruct(job, plan, steps, lr, batch_size) if fit == "reconstruct" else \
-        _affine_sweeps(job, fit, sweeps, groups)
+    if fit == "reconstruct":
+        result = _reconstruct(job, plan, steps, lr, batch_size)
+    else:
+        result = _affine_sweeps(job, fit, sweeps, groups)
     apart = judge is not inputs
     judged_on = f"held back: {judge.description}" if apart else "the synthesised inputs" if data_free else None
     return dataclasses.replace(result, synthesis=synthesis, judged_on=judged_on or result.judged_on,
@@ -531,7 +533,7 @@ def _sweep(
         with _hooks(handles):
             converted(*batch)
     if distributed():
-        _sum_over_ranks(moments, sites, candidates)
+        _add_up_ranks_sums(moments, sites, candidates)
     for site in sites:
         if candidates[site.path]:
             fitted = {g: moments[(site.path, g)] for g in candidates[site.path] if (site.path, g) in moments}
@@ -551,7 +553,8 @@ def _sweep(
         site.converted.bias.copy_(beta.to(site.converted.bias.dtype))
 
 
-def _sum_over_ranks(moments: dict[Any, _Moments], sites: list[_Site], candidates: dict[str, tuple[int, ...]]) -> None:
+def _add_up_ranks_sums(moments: dict[Any, _Moments], sites: list[_Site],
+                       candidates: dict[str, tuple[int, ...]]) -> None:
     """Every rank's sums, added up in place: the fits after a sweep are then those of all the ranks'
     data together, and the same on every rank. (Within a sweep each rank streams its own fits
     downstream; those only shape what later sites see.)"""
