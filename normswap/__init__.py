@@ -4,6 +4,7 @@ from .api import apply_plan, convert, plan
 from .calibrate import CalibrationResult, calibrate, synthesize_inputs
 from .checks import batch_dependence
 from .data import InputSet, load_inputs
+from .distributed import on_this_rank_only
 from .drift import ValidationFailed, validate
 from .errors import (
     DataError,
@@ -36,6 +37,7 @@ __all__ = [
     "recover",
     "RecoveryResult",
     "ImageAugment",
+    "on_this_rank_only",
     "progressive",
     "Transition",
     "TransitionCallback",

@@ -3,17 +3,36 @@
 Outside an initialized process group (or with one process) each is the identity, so single-process
 code pays nothing. Inside one, every rank must make the same calls in the same order: calibration and
 recovery are collective operations there, run on every rank, each with its own shard of the data.
+Work that one rank does alone (export on rank 0, say) goes inside :func:`on_this_rank_only`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.distributed as dist
 
+_THIS_RANK_ONLY: ContextVar[bool] = ContextVar("normswap_this_rank_only", default=False)
+
+
+@contextmanager
+def on_this_rank_only() -> Iterator[None]:
+    """Calibration and recovery inside this block ignore the process group: no collective calls, no
+    DistributedDataParallel, this rank's data alone. For work one rank does while the others do not
+    (they would otherwise wait for it forever)."""
+    token = _THIS_RANK_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _THIS_RANK_ONLY.reset(token)
+
 
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world size); (0, 1) outside a process group or inside :func:`on_this_rank_only`."""
+    if dist.is_available() and dist.is_initialized() and not _THIS_RANK_ONLY.get():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

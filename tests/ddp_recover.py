@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ def build() -> tuple[nn.Module, torch.Tensor]:
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a rank left waiting fails the test soon
     rank, world = dist.get_rank(), dist.get_world_size()
     model, data = build()
     shard = data[rank::world]  # each rank calibrates, trains and holds back on its own samples
@@ -51,6 +52,14 @@ def main() -> None:
     after = normswap.validate(model, converted, data, measure=False).headline.relative_l2
     digests = [None] * world
     dist.all_gather_object(digests, _digest(converted))
+    alone = {}
+    if rank == 0:  # work on one rank only, while the other waits at the barrier below
+        with normswap.on_this_rank_only():
+            mine = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=shard,
+                                    calibration_groups="search")
+            mine_recovered = normswap.recover(model, mine.model, shard, steps=3, batch_size=8, progress=False,
+                                              holdout=0.25, eval_every=1)
+        alone = {"samples": mine.report.calibration["samples"], "world": mine_recovered.world_size}
     if rank == 0:
         torch.save(fitted.model.state_dict(), sys.argv[1] + ".fitted.pt")
         with open(sys.argv[1], "w") as fh:
@@ -59,7 +68,8 @@ def main() -> None:
                        "same_calibration": all(d == calibrated_digests[0] for d in calibrated_digests),
                        "calibration_samples": [c.report.calibration["samples"] for c in [fitted, *calibrated]],
                        "reconstructed": calibrated[1].report.calibration["calibrated"],
-                       "judged_steps": [step for step, _ in result.holdout_error], "kept_step": result.kept_step}, fh)
+                       "judged_steps": [step for step, _ in result.holdout_error], "kept_step": result.kept_step,
+                       "alone": alone}, fh)
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 

@@ -424,6 +424,8 @@ def test_recovery_and_calibration_under_torchrun_with_two_processes_on_their_own
     assert summary["world"] == 2 and summary["same_weights"] and summary["same_calibration"], summary
     assert summary["judged_steps"] == [0, 10, 20, 30] and summary["kept_step"] in summary["judged_steps"]
     assert summary["drift_after"] < summary["drift_before"]
+    # Inside on_this_rank_only, rank 0 calibrated and recovered alone: its own 32 samples, no DDP, no waiting.
+    assert summary["alone"] == {"samples": 32, "world": 1}
     # Two shards of 32 fit what one process fits on all 64 samples (one site: its sums are the whole story).
     from .ddp_recover import build
 
