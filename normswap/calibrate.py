@@ -43,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .data import InputSet, held_back, load_inputs, model_input_size
-from .distributed import average_gradients, distributed, mean_over_ranks, sum_over_ranks, total, world
+from .distributed import average_gradients, distributed, sum_over_ranks, total, world
 from .drift import output_error
 from .errors import DataError, PlanError, unknown_name
 from .layers import GroupRMSNorm, group_rms_norm
@@ -467,8 +467,7 @@ class _Job:
 
     def error(self, references: list[Any]) -> float:
         """The converted model's output error on the judging samples, as it is now."""
-        error = output_error(self.converted, self.judge.batches, references)
-        return mean_over_ranks(error, self.judge.num_samples)  # under torchrun all ranks keep or undo alike
+        return output_error(self.converted, self.judge.batches, references)  # under torchrun: over all ranks
 
 
 def _affine_sweeps(job: _Job, fit: str, sweeps: int, groups: str | None) -> CalibrationResult:
@@ -532,8 +531,7 @@ def _sweep(
         ]
         with _hooks(handles):
             converted(*batch)
-    if distributed():
-        _add_up_ranks_sums(moments, sites, candidates)
+    _add_up_ranks_sums(moments, sites, candidates)
     for site in sites:
         if candidates[site.path]:
             fitted = {g: moments[(site.path, g)] for g in candidates[site.path] if (site.path, g) in moments}
@@ -558,6 +556,8 @@ def _add_up_ranks_sums(moments: dict[Any, _Moments], sites: list[_Site],
     """Every rank's sums, added up in place: the fits after a sweep are then those of all the ranks'
     data together, and the same on every rank. (Within a sweep each rank streams its own fits
     downstream; those only shape what later sites see.)"""
+    if not distributed():
+        return
     keys = [((s.path, g) if candidates[s.path] else s.path, s.converted.weight.numel())
             for s in sites for g in (candidates[s.path] or (None,))]
     device = next((m.n.device for m in moments.values() if m.n is not None), torch.device("cpu"))

@@ -229,7 +229,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     calibration = _calibration(model, args)
     holdout = _holdout(model, args.holdout)
     # Checked before the conversion, which can take minutes, not after it.
-    recovery_data = _recovery_data(calibration, data, args) if args.recover_steps else None
+    recovery_data = _recovery_data(calibration, data) if args.recover_steps else None
     if args.augment and recovery_data is None:
         raise NormswapError("--augment makes the views --recover-steps trains on: give --recover-steps N too.")
     augment = _augment(recovery_data) if args.augment else None
@@ -268,7 +268,7 @@ def _holdout(model: Any, value: str | None) -> Any:
         return load_inputs(model, value, batch_size=32)
 
 
-def _recovery_data(calibration: Any, data: Any, args: argparse.Namespace) -> Any:
+def _recovery_data(calibration: Any, data: Any) -> Any:
     """What --recover-steps trains on: the --calibrate data, else the --data."""
     train = calibration if calibration is not None and calibration != "data-free" else data
     if train is None or getattr(train, "source", "") == "synthetic":

