@@ -347,6 +347,15 @@ def broad_series(results: list[dict[str, Any]]) -> list[str]:
             f"{agreement_cells(r, 'stable_views')} | {kl_cell(r)} | {agree} | {accuracy} | "
             f"{agreement_cells(r, 'calibration_views')} |"
         )
+    ends = sorted(results, key=lambda r: r["pool"]["photos"])
+    if len(ends) == 2:
+        few, many = (r["curve"][-1] for r in ends)
+        lines += ["", f"At step {few['step']} / {many['step']}: {pct(few['top1_agreement'])} % (KL {few['kl']:.3f}) "
+                  f"with {ends[0]['pool']['photos']} photos, {pct(many['top1_agreement'])} % (KL {many['kl']:.3f}) "
+                  f"with {ends[1]['pool']['photos']}: at this budget more varied photos did not carry the "
+                  "distillation further on the held-out photos. On the ImageNet photos they end "
+                  + " and ".join(f"{pct(r['curve'][-1]['imagenet_photos']['top1_agreement'])} %" for r in ends)
+                  + f" from {pct(ends[0]['curve'][0]['imagenet_photos']['top1_agreement'])} %."]
     for r in results:
         if not r.get("finished", True):
             last, steps = r["curve"][-1]["step"], r["steps"]
