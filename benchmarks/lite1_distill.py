@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recipe = small_batch_recipe("statistics") if args.start == "statistics" else args.start
     conversion = normswap.convert(original, recipe, example_inputs=held[:1].to(device), validate=False, batch_size=2)
     converted = conversion.model
-    augment = normswap.ImageAugment(size=size, scale=tuple(args.scale), mix=args.mix)
+    augment = normswap.ImageAugment(size=size, scale=tuple(args.scale), mix=args.mix, contrast=tuple(args.contrast))
 
     def recover(model: torch.nn.Module, steps: int, callback: Any = None) -> normswap.RecoveryResult:
         return normswap.recover(original, model, pool, steps=steps, lr=args.lr, batch_size=args.batch,
@@ -439,6 +439,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     parser.add_argument("--mix", type=float, default=0.5, help="probability of mixup per sample")
     parser.add_argument("--scale", type=float, nargs=2, default=[0.25, 1.0])
+    parser.add_argument("--contrast", type=float, nargs=2, default=[1.0, 1.0], metavar=("LOW", "HIGH"),
+                        help="contrast factor per view, drawn log-uniformly (1 1: unchanged)")
     parser.add_argument("--feature-weight", type=float, default=0.0)
     parser.add_argument("--pool-views", type=int, default=32, help="stored views per calibration photo")
     parser.add_argument("--pool-size", type=int, default=320, help="side of the stored views (crops come from them)")

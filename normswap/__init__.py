@@ -22,7 +22,7 @@ from .progressive import ProgressiveNorm, Transition, TransitionCallback, progre
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
 from .recover import ImageAugment, RecoveryResult, recover
 from .targets import NotApplicable, Option, Target, get_target, list_targets, register_target
-from .types import Conversion, DriftReport, Facts, Plan, PlanEntry, Report, Site
+from .types import Conversion, DriftReport, Facts, Plan, PlanEntry, RecoveryDefaults, Report, Site
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "batch_dependence",
     "Plan",
     "PlanEntry",
+    "RecoveryDefaults",
     "Site",
     "Facts",
     "Conversion",

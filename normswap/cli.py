@@ -18,8 +18,8 @@ from typing import Any
 from .errors import NormswapError
 
 DEFAULT_DEMO_MODEL = "resnet18"
-LR_HELP = ("default 1e-4; 1e-5 to 3e-5 after --calibration-fit reconstruct or a standardize recipe "
-           "(pretrained-small-batch), which start close to the original")
+LR_HELP = ("default: the recipe's [recovery] lr (pretrained-small-batch: 1e-5), else 1e-4; 1e-5 to 3e-5 after "
+           "--calibration-fit reconstruct, which also starts close to the original")
 AUGMENT_HELP = ("image inputs: new random resized crops, flips and mixups every step, the same for both models "
                 "(for few images)")
 HOLDOUT_HELP = (
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--holdout", metavar="FRACTION|DATA", help=HOLDOUT_HELP)
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
                          help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
-    convert.add_argument("--recover-lr", type=float, default=1e-4, metavar="LR", help=LR_HELP)
+    convert.add_argument("--recover-lr", type=float, default=None, metavar="LR", help=LR_HELP)
     convert.add_argument("--augment", action="store_true", help="with --recover-steps: " + AUGMENT_HELP)
     _add_validation_args(convert)
 
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("converted", metavar="CONVERTED", help="a directory written by normswap convert")
     recover.add_argument("--data", required=True, metavar="PATH", help="training inputs: images folder or tensor file")
     recover.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
-    recover.add_argument("--lr", type=float, default=1e-4, help=LR_HELP)
+    recover.add_argument("--lr", type=float, default=None, help=LR_HELP)
     recover.add_argument("--recover-batch-size", type=int, default=32, metavar="N", help="default 32")
     recover.add_argument("--feature-weight", type=float, default=0.0, help="weight of the per-site feature loss")
     recover.add_argument("--augment", action="store_true", help=AUGMENT_HELP)

@@ -87,9 +87,8 @@ def run_real(output: Path, per_photo: int = 6, recover_steps: int = 0, console: 
     conversion = api.convert(model, "pretrained-small-batch", calibration[:1], batch_size=2, validate=False,
                              shapes="always")
     if recover_steps:
-        # The conversion is already close: at recover's default 1e-4 Lite1 lost held-out agreement.
         trained = calibration[: -per_photo]  # the last photo's views judge the run
-        recovery = recover(model, conversion.model, trained, steps=recover_steps, lr=1e-5, batch_size=8,
+        recovery = recover(model, conversion.model, trained, steps=recover_steps, batch_size=8,  # the recipe's lr
                            plan=conversion.plan, augment=ImageAugment(size=int(calibration.shape[-1])),
                            feature_weight=1.0, holdout=calibration[-per_photo:], eval_every=max(recover_steps // 4, 1))
         conversion = dataclasses.replace(conversion, report=recovery.recorded_in(conversion.report))

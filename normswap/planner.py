@@ -32,6 +32,7 @@ def build_plan(model_cls: str, discovery: Discovery, recipe: Recipe, facts: Fact
         other_norms=tuple(discovery.other_norms),
         unmatched_rules=tuple(r.name for r in recipe.rules if r.name not in used),
         ensure=recipe.ensure,
+        recovery=recipe.recovery,
         trace=discovery.trace,
         trace_error=discovery.trace_error,
         example_input_shapes=discovery.input_shapes,

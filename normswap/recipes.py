@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import RecipeError, UnknownNameError, unknown_name
 from .targets import get_target
-from .types import LAYOUTS, PURPOSES, TASKS, Facts, Site
+from .types import LAYOUTS, PURPOSES, TASKS, Facts, RecoveryDefaults, Site
 
 KEEP = "keep"
 ERROR = "error"
@@ -170,6 +170,7 @@ class Recipe:
     description: str = ""
     when: str = ""
     ensure: tuple[str, ...] = ()
+    recovery: RecoveryDefaults = RecoveryDefaults()
     source: str = "<api>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,6 +199,8 @@ class Recipe:
                 }
                 for r in self.rules
             ],
+            # TOML has no null: an unset default is left out, as a recipe file would leave it.
+            **({"recovery": {"lr": self.recovery.lr}} if self.recovery.lr is not None else {}),
         }
 
     @classmethod
@@ -221,6 +224,7 @@ _MATCH_TYPES: dict[str, tuple[type, Any]] = {
 }
 _RULE_KEYS = ("name", "match", "target", "options", "fallback", "fallback_options")
 _HEADER_KEYS = ("name", "description", "when", "ensure")
+_RECOVERY_KEYS = ("lr",)
 
 
 def _check_keys(table: Any, valid: tuple[str, ...] | Mapping[str, Any], where: str, source: str) -> Mapping[str, Any]:
@@ -330,7 +334,7 @@ def _parse_fallback(table: Mapping[str, Any], where: str, source: str) -> tuple[
 
 
 def _parse_recipe(data: Mapping[str, Any], source: str) -> Recipe:
-    _check_keys(data, ("recipe", "rules"), "top level", source)
+    _check_keys(data, ("recipe", "rules", "recovery"), "top level", source)
     header = _check_keys(data.get("recipe", {}), _HEADER_KEYS, "[recipe]", source)
     rules_raw = data.get("rules", [])
     if not isinstance(rules_raw, list) or not rules_raw:
@@ -354,8 +358,18 @@ def _parse_recipe(data: Mapping[str, Any], source: str) -> Recipe:
         description=header.get("description", ""),
         when=header.get("when", ""),
         ensure=tuple(ensure),
+        recovery=_parse_recovery(data.get("recovery", {}), source),
         source=source,
     )
+
+
+def _parse_recovery(table: Any, source: str) -> RecoveryDefaults:
+    raw = _check_keys(table, _RECOVERY_KEYS, "[recovery]", source)
+    lr = raw.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < 1):
+        raise RecipeError(f"{source}: [recovery].lr must be a learning rate between 0 and 1, got {lr!r} "
+                          f"(e.g. lr = 1e-5).")
+    return RecoveryDefaults(lr=None if lr is None else float(lr))
 
 
 def load_recipe(spec: str | Path | Recipe | Mapping[str, Any]) -> Recipe:

@@ -3,11 +3,12 @@
 The loss is the KL divergence between the original's and the converted model's softmax (temperature
 T, scaled by T²) for classifier outputs, mean squared error for other outputs, plus an optional
 per-site feature loss (relative squared error of each converted site's activation against the
-original's). The default optimiser is AdamW at 1e-4 with cosine decay (after an optional linear
-warm-up) and gradient clipping: pretrained networks are wrecked by the learning rates used to train
-from scratch, and one that starts close to the original wants less still (on EfficientNet-Lite1 from
-``pretrained-small-batch``, 1e-5 and 3e-5 took held-out agreement from 68 % to 76-79 % over about
-600 GPU steps, 1e-4 to 67 %). Under ``torchrun`` the converted model is wrapped in
+original's). The default optimiser is AdamW with cosine decay (after an optional linear warm-up)
+and gradient clipping, at 1e-4 or at the ``[recovery] lr`` of the recipe the plan came from:
+pretrained networks are wrecked by the learning rates used to train from scratch, and one that
+starts close to the original wants less still (on EfficientNet-Lite1 from ``pretrained-small-batch``,
+1e-5 and 3e-5 took held-out agreement from 68 % to 76-79 % over about 600 GPU steps, 1e-4 to 67 %;
+that recipe says 1e-5). Under ``torchrun`` the converted model is wrapped in
 DistributedDataParallel (gloo on CPU, NCCL on GPU) and each rank draws its own samples; rank 0 writes
 checkpoints and shows progress.
 
@@ -53,6 +54,8 @@ class RecoveryResult:
     lr: float
     world_size: int
     resumed_from: int
+    # Where the learning rate came from: "argument", "recipe <name>" or "default".
+    lr_source: str = "argument"
     # With a holdout: its output error against the original (KL for logits, else relative L2) by
     # step, step 0 being the model as it came, and the step whose state was kept.
     holdout_error: tuple[tuple[int, float], ...] = ()
@@ -68,6 +71,21 @@ class RecoveryResult:
         """``report`` with this run under ``calibration["recovery"]``, where the reports show it."""
         return dataclasses.replace(report, calibration=dict(report.calibration or {}) | {"recovery": self.to_dict()},
                                    timings=dict(report.timings) | {"recover_s": self.seconds})
+
+
+DEFAULT_LR = 1e-4
+
+
+def learning_rate(lr: float | None, plan: Plan | None) -> tuple[float, str]:
+    """The learning rate recovery uses and where it came from: the caller's, else the plan's recipe's,
+    else :data:`DEFAULT_LR`."""
+    if lr is not None:
+        if not lr > 0:  # also refuses NaN
+            raise PlanError(f"recovery's learning rate must be positive, got {lr}.")
+        return lr, "argument"
+    if plan is not None and plan.recovery.lr is not None:
+        return plan.recovery.lr, f"recipe {plan.recipe}"
+    return DEFAULT_LR, "default"
 
 
 def _distillation_loss(teacher: Any, student: Any, temperature: float) -> torch.Tensor:
@@ -122,7 +140,7 @@ def recover(
     data: Any,
     *,
     steps: int = 200,
-    lr: float = 1e-4,
+    lr: float | None = None,
     batch_size: int = 32,
     temperature: float = 1.0,
     feature_weight: float = 0.0,
@@ -145,8 +163,8 @@ def recover(
     ``augment(batch, generator)`` transforms each batch before both models see it (the same views for
     teacher and student, e.g. :class:`ImageAugment`): with few samples, matching the original on ever
     new views is what keeps recovery from memorising them.
-    ``warmup_steps`` raises the learning rate linearly over the first steps, then cosine decay runs
-    over the rest.
+    ``lr``: the peak learning rate; unset, the ``[recovery] lr`` of the recipe ``plan`` came from, else
+    1e-4. ``warmup_steps`` raises it linearly over the first steps, then cosine decay runs over the rest.
     ``callback(step, loss)`` runs after every step (evaluate, log, stop by raising). With
     ``checkpoint_dir`` the run saves its state every ``checkpoint_every`` steps and resumes from it.
     ``holdout`` (a fraction of ``data``, held back from training, or other data) is judged every
@@ -155,6 +173,7 @@ def recover(
     """
     if steps < 1:
         raise PlanError(f"recovery needs at least one step, got {steps}.")
+    lr, lr_source = learning_rate(lr, plan)
     inputs = data if isinstance(data, InputSet) else load_inputs(original, data, batch_size=batch_size)
     if inputs.source == "synthetic":
         raise DataError("recovery needs data: give real samples (a tensor, an image folder, a tensor file or a "
@@ -220,7 +239,7 @@ def recover(
         converted.train(was_training)
         for m, mode in original_modes:
             m.training = mode
-    result = RecoveryResult(steps, time.perf_counter() - began, first, final, lr, world, start,
+    result = RecoveryResult(steps, time.perf_counter() - began, first, final, lr, world, start, lr_source,
                             augment=repr(augment) if augment is not None else "")
     if best is None:
         return result
@@ -303,17 +322,28 @@ def _draw(
 class ImageAugment:
     """Views of an image batch (N, C, H, W) for distillation: a random resized crop per sample
     (``scale`` of the area, aspect in ``ratio``, resized back to ``size`` or the input's side),
-    a random horizontal flip, and with probability ``mix`` a mixup with another sample of the batch
-    (weight drawn from Beta(1, 1)). Mixed images are off the data distribution on purpose: the original
-    still answers them, and matching those answers teaches the converted model the original's
-    function rather than its outputs on a few photos (Beyer et al., "Knowledge distillation: a good
-    teacher is patient and consistent", 2022). Random numbers come from the generator, on the CPU."""
+    a random horizontal flip, a contrast factor drawn log-uniformly from ``contrast`` (applied around
+    each sample's per-channel mean, so it means the same in any normalised input space), and with
+    probability ``mix`` a mixup with another sample of the batch (weight drawn from Beta(1, 1)).
+    Mixed images are off the data distribution on purpose: the original still answers them, and
+    matching those answers teaches the converted model the original's function rather than its
+    outputs on a few photos (Beyer et al., "Knowledge distillation: a good teacher is patient and
+    consistent", 2022). Contrast matters to a converted model whose norms are per sample: its
+    activations' energy, and so what those norms do, follows the image's contrast, which a few
+    calibration photos may not span. Random numbers come from the generator, on the CPU."""
 
     size: int | None = None
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     mix: float = 0.5
+    contrast: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        low, high = self.contrast
+        if not 0 < low <= high:
+            raise PlanError(f"ImageAugment(contrast={self.contrast}): give (low, high) with 0 < low <= high, "
+                            f"e.g. (0.25, 1.0); (1.0, 1.0) leaves contrast alone.")
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = batch.shape
@@ -332,11 +362,20 @@ class ImageAugment:
             view = F.interpolate(batch[i : i + 1, :, t : t + ch, l_ : l_ + cw], size=side, mode="bilinear",
                                  antialias=True, align_corners=False)
             views.append(view.flip(-1) if flips[i] else view)
-        out = torch.cat(views)
+        out = self._contrasted(torch.cat(views), generator)
         mixed = torch.rand(n, generator=generator) < self.mix
         partner = torch.randperm(n, generator=generator)
         weight = torch.rand(n, generator=generator).where(mixed, torch.ones(n)).to(out.device, out.dtype)
         return weight.view(n, 1, 1, 1) * out + (1 - weight.view(n, 1, 1, 1)) * out[partner.to(out.device)]
+
+    def _contrasted(self, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.contrast == (1.0, 1.0):  # draws nothing: runs without contrast replay as before
+            return views
+        low, high = (math.log(c) for c in self.contrast)
+        factor = torch.empty(len(views)).uniform_(low, high, generator=generator).exp()
+        factor = factor.to(views.device, views.dtype).view(-1, 1, 1, 1)
+        mean = views.mean(dim=(-2, -1), keepdim=True)
+        return mean + factor * (views - mean)
 
 
 def _resume(directory: str | Path | None, model: nn.Module, optimizer: Any, schedule: Any,

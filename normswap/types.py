@@ -153,6 +153,18 @@ class PlanEntry:
 
 
 @dataclass(frozen=True)
+class RecoveryDefaults:
+    """What a recipe's ``[recovery]`` table says distillation should use where the caller does not say:
+    a conversion that starts close to the original is damaged by a learning rate that suits one that
+    starts far from it, and the recipe is what knows which it made."""
+
+    lr: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr}
+
+
+@dataclass(frozen=True)
 class Plan:
     """One entry per site, plus what a reader needs to trust it: how context was learned, which
     rules matched nothing, and the other norm layers present."""
@@ -167,6 +179,7 @@ class Plan:
     trace: str = "fx"
     trace_error: str | None = None
     example_input_shapes: tuple[tuple[int, ...], ...] = ()
+    recovery: RecoveryDefaults = RecoveryDefaults()
     schema_version: int = PLAN_SCHEMA_VERSION
 
     @property
@@ -198,6 +211,7 @@ class Plan:
             "trace": self.trace,
             "trace_error": self.trace_error,
             "example_input_shapes": [list(s) for s in self.example_input_shapes],
+            "recovery": self.recovery.to_dict(),
             "ensure": list(self.ensure),
             "unmatched_rules": list(self.unmatched_rules),
             "other_norms": [dataclasses.asdict(o) for o in self.other_norms],
@@ -227,6 +241,8 @@ class Plan:
                 trace=data.get("trace", "fx"),
                 trace_error=data.get("trace_error"),
                 example_input_shapes=tuple(tuple(s) for s in data.get("example_input_shapes", [])),
+                # Plans written before recipes had a [recovery] table have none: the defaults apply.
+                recovery=RecoveryDefaults(**data.get("recovery", {})),
             )
         except (KeyError, TypeError) as exc:
             if isinstance(exc, UnknownNameError):

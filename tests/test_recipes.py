@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +168,25 @@ def test_user_can_register_a_target():
         model, {"rules": [{"name": "s", "target": "test-scale"}]}, torch.randn(1, 3, 4, 4)
     ).model
     assert isinstance(converted[1], nn.Conv2d)
+
+
+def test_recovery_table_sets_a_learning_rate_the_plan_carries(tmp_path):
+    rule = '[[rules]]\nname = "a"\ntarget = "groupnorm"\n'
+    recipe = load_recipe(write(tmp_path, rule + "[recovery]\nlr = 3e-5\n"))
+    assert recipe.recovery.lr == 3e-5 and load_recipe(write(tmp_path, rule)).recovery.lr is None
+    assert normswap.recipes.Recipe.from_dict(recipe.to_dict()).recovery == recipe.recovery
+    with pytest.raises(normswap.RecipeError, match=r"'rate'.*\[recovery\].*Valid keys: lr"):
+        load_recipe(write(tmp_path, rule + "[recovery]\nrate = 3e-5\n"))
+    for bad in ("0", "2.0", '"1e-5"', "true"):
+        with pytest.raises(normswap.RecipeError, match=r"\[recovery\]\.lr must be a learning rate"):
+            load_recipe(write(tmp_path, rule + f"[recovery]\nlr = {bad}\n"))
+
+
+def test_pretrained_small_batch_plan_records_its_recovery_rate_and_old_plans_still_load():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    plan = normswap.plan(model, "pretrained-small-batch", torch.randn(2, 3, 8, 8))
+    assert plan.recovery.lr == 1e-5 and json.loads(plan.to_json())["recovery"] == {"lr": 1e-5}
+    assert normswap.Plan.from_json(plan.to_json()) == plan
+    older = {k: v for k, v in json.loads(plan.to_json()).items() if k != "recovery"}
+    assert normswap.Plan.from_dict(older).recovery.lr is None
+    assert normswap.plan(model, "small-batch", torch.randn(2, 3, 8, 8)).recovery.lr is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import subprocess
@@ -337,6 +338,24 @@ def test_image_augment_gives_new_views_of_the_batch_with_its_generator():
     same = normswap.ImageAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, mix=0.0)(
         torch.rand(2, 3, 8, 8).clone(), torch.Generator())
     assert same.shape == (2, 3, 8, 8)
+
+
+def test_image_augment_contrast_scales_each_sample_about_its_own_channel_means():
+    batch = torch.randn(8, 3, 12, 12) * 2 + 5
+    keep = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, mix=0.0)
+    views = normswap.ImageAugment(contrast=(0.25, 0.5), **keep)(batch, torch.Generator().manual_seed(0))
+    mean = batch.mean(dim=(-2, -1), keepdim=True)
+    assert torch.allclose(views.mean(dim=(-2, -1), keepdim=True), mean, atol=1e-4), "means kept"
+    factor = ((views - mean).flatten(1).norm(dim=1) / (batch - mean).flatten(1).norm(dim=1))
+    assert ((factor > 0.25 - 1e-4) & (factor < 0.5 + 1e-4)).all() and factor.std() > 0.01, "one factor per sample"
+    plain = normswap.ImageAugment(**keep)(batch, torch.Generator().manual_seed(0))
+    assert torch.allclose(plain, batch, atol=1e-5), "contrast (1, 1) leaves the views alone"
+
+
+@pytest.mark.parametrize("contrast", [(0.0, 1.0), (1.5, 1.0), (-1.0, 2.0)])
+def test_image_augment_refuses_a_contrast_range_that_is_not_positive_and_ordered(contrast):
+    with pytest.raises(normswap.NormswapError, match="contrast"):
+        normswap.ImageAugment(contrast=contrast)
 
 
 def test_recovery_with_augmented_views_generalises_and_resumes_identically(tmp_path):
@@ -675,3 +694,22 @@ def test_reconstruction_that_hurts_the_outputs_is_undone(monkeypatch):
     result = normswap.calibrate(model, conversion.model, data[:64], plan=conversion.plan, fit="reconstruct")
     assert result.kept_sweeps == 0 and result.output_error[1] > result.output_error[0]
     assert all(torch.equal(before[k], v) for k, v in conversion.model.state_dict().items())
+
+
+def test_recovery_rate_comes_from_the_caller_then_the_plans_recipe_then_the_default():
+    model, data = small_cnn()
+    conversion = normswap.convert(model, "pretrained-small-batch", data[:1], validate=False)
+    by_recipe = normswap.recover(model, copy.deepcopy(conversion.model), data, steps=1, progress=False,
+                                 plan=conversion.plan)
+    assert (by_recipe.lr, by_recipe.lr_source) == (1e-5, "recipe pretrained-small-batch")
+    given = normswap.recover(model, copy.deepcopy(conversion.model), data, steps=1, lr=3e-4, progress=False,
+                             plan=conversion.plan)
+    assert (given.lr, given.lr_source) == (3e-4, "argument")
+    plain = normswap.recover(model, copy.deepcopy(conversion.model), data, steps=1, progress=False)
+    assert (plain.lr, plain.lr_source) == (1e-4, "default")
+    from normswap.render import recovery_line
+
+    line = recovery_line(by_recipe.to_dict())
+    assert "at lr 1e-05 (recipe pretrained-small-batch)" in line
+    with pytest.raises(normswap.NormswapError, match="learning rate must be positive"):
+        normswap.recover(model, copy.deepcopy(conversion.model), data, steps=1, lr=0.0, progress=False)
