@@ -20,6 +20,7 @@ from .errors import NormswapError
 DEFAULT_DEMO_MODEL = "resnet18"
 LR_HELP = ("default: the recipe's [recovery] lr (pretrained-small-batch: 1e-5), else 1e-4; 1e-5 to 3e-5 after "
            "--calibration-fit reconstruct, which also starts close to the original")
+WARMUP_HELP = "steps of linear learning-rate warm-up before the cosine decay (default 0)"
 AUGMENT_HELP = ("image inputs: new random resized crops, flips and mixups every step, the same for both models "
                 "(for few images)")
 HOLDOUT_HELP = (
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--recover-steps", type=int, default=0, metavar="N",
                          help="then fine-tune N steps by distillation on the --calibrate data (or --data)")
     convert.add_argument("--recover-lr", type=float, default=None, metavar="LR", help=LR_HELP)
+    convert.add_argument("--recover-warmup-steps", type=int, default=0, metavar="N", help=WARMUP_HELP)
     convert.add_argument("--augment", action="store_true", help="with --recover-steps: " + AUGMENT_HELP)
     _add_validation_args(convert)
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--data", required=True, metavar="PATH", help="training inputs: images folder or tensor file")
     recover.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
     recover.add_argument("--lr", type=float, default=None, help=LR_HELP)
+    recover.add_argument("--warmup-steps", type=int, default=0, metavar="N", help=WARMUP_HELP)
     recover.add_argument("--recover-batch-size", type=int, default=32, metavar="N", help="default 32")
     recover.add_argument("--feature-weight", type=float, default=0.0, help="weight of the per-site feature loss")
     recover.add_argument("--augment", action="store_true", help=AUGMENT_HELP)
@@ -281,7 +284,7 @@ def _recover_conversion(model: Any, conversion: Any, train: Any, holdout: Any, a
     from .recover import recover
 
     result = recover(model, conversion.model, train, steps=args.recover_steps, lr=args.recover_lr,
-                     plan=conversion.plan, holdout=holdout, augment=augment)
+                     warmup_steps=args.recover_warmup_steps, plan=conversion.plan, holdout=holdout, augment=augment)
     return dataclasses.replace(conversion, report=result.recorded_in(conversion.report))
 
 
@@ -312,7 +315,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     plan = io.read_plan(args.converted)
     converted = io.load(args.converted, _fresh_instance(args.converted, spec))
     data = load_inputs(original, args.data, batch_size=args.recover_batch_size)
-    result = recover(original, converted, data, steps=args.steps, lr=args.lr, batch_size=args.recover_batch_size,
+    result = recover(original, converted, data, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+                     batch_size=args.recover_batch_size,
                      feature_weight=args.feature_weight, plan=plan, checkpoint_dir=args.checkpoint_dir,
                      holdout=_holdout(original, args.holdout), augment=_augment(data) if args.augment else None)
     drift = validate(original, converted, data, plan=plan, repeats=3, progress=True)

@@ -56,6 +56,7 @@ class RecoveryResult:
     resumed_from: int
     # Where the learning rate came from: "argument", "recipe <name>" or "default".
     lr_source: str = "argument"
+    warmup_steps: int = 0
     # With a holdout: its output error against the original (KL for logits, else relative L2) by
     # step, step 0 being the model as it came, and the step whose state was kept.
     holdout_error: tuple[tuple[int, float], ...] = ()
@@ -240,7 +241,7 @@ def recover(
         for m, mode in original_modes:
             m.training = mode
     result = RecoveryResult(steps, time.perf_counter() - began, first, final, lr, world, start, lr_source,
-                            augment=repr(augment) if augment is not None else "")
+                            warmup_steps, augment=repr(augment) if augment is not None else "")
     if best is None:
         return result
     return dataclasses.replace(result, holdout_error=tuple(best.errors), kept_step=best.step,

@@ -173,6 +173,7 @@ def calibration_line(info: dict[str, Any]) -> str:
 def recovery_line(info: dict[str, Any]) -> str:
     """What distillation did, from the report's JSON; with a holdout, which state it kept and why."""
     source = f" ({info['lr_source']})" if info.get("lr_source", "argument") != "argument" else ""
+    source += f" after {info['warmup_steps']} warm-up steps" if info.get("warmup_steps") else ""
     line = (f"recovery: {info.get('steps')} distillation steps at lr {fmt(info.get('lr'), 2)}{source} in "
             f"{info.get('seconds', 0):.1f}s, loss {fmt(info.get('first_loss'))} → {fmt(info.get('final_loss'))}")
     if info.get("augment"):

@@ -495,12 +495,14 @@ def test_cli_convert_with_calibration_and_recovery_then_recover_command(tmp_path
         assert "- recovery: 2 distillation steps" in markdown and "calibration:" not in markdown
         assert "on views made by ImageAugment(" in markdown
         assert main(["recover", "factory:build", str(tmp_path / "c"), *base, "--data", str(tmp_path / "data.pt"),
-                     "--steps", "3", "--holdout", str(tmp_path / "data.pt"), "--augment",
+                     "--steps", "3", "--warmup-steps", "1", "--holdout", str(tmp_path / "data.pt"), "--augment",
                      "-o", str(tmp_path / "r")]) == 0
         recovered = json.loads((tmp_path / "r" / "report.json").read_text())["calibration"]["recovery"]
         assert recovered["steps"] == 3 and recovered["held_back"] == 96 and len(recovered["holdout_error"]) == 2
         assert recovered["augment"].startswith("ImageAugment(size=None")
-        assert "on views made by ImageAugment(" in (tmp_path / "r" / "report.md").read_text()
+        assert (recovered["lr"], recovered["lr_source"], recovered["warmup_steps"]) == (1e-4, "default", 1)
+        markdown = (tmp_path / "r" / "report.md").read_text()
+        assert "on views made by ImageAugment(" in markdown and "(default) after 1 warm-up steps" in markdown
     finally:
         _sys.path.remove(str(tmp_path))
 
