@@ -245,10 +245,11 @@ class Bench(MethodBench):
 
     def __init__(
         self, original: nn.Module, held_out: torch.Tensor, calib: torch.Tensor, eval_batch: int, device: Any = None,
-        more: HeldOutPhotos | None = None,
+        more: HeldOutPhotos | None = None, held_out_photos: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.more = more
+        self.held_out_photos = held_out_photos  # each held-out view's photo, for a per-photo breakdown
         self.original = original
         self.held_out = held_out
         self.calib = calib
@@ -275,7 +276,19 @@ class Bench(MethodBench):
         stable = agreement(self.ref_held[self.stable], logits[self.stable]) if self.stable.any() else None
         cal = agreement(self.ref_calib, logits_of(model, self.calib, self.eval_batch, self.device))
         more = {"imagenet_photos": self.more.score(model)} if self.more is not None else {}
+        if self.held_out_photos is not None:
+            more["per_photo"] = self.per_photo(logits)
         return {**held, "confident_views": sure, "stable_views": stable, "calibration_views": cal, **more}
+
+    def per_photo(self, logits: torch.Tensor) -> dict[str, dict[str, float]]:
+        """Agreement and KL on each held-out photo's views, with the views' contrast (mean standard
+        deviation of a view's pixels, in the model's [-1, 1] input space)."""
+        out = {}
+        for name in dict.fromkeys(self.held_out_photos):
+            index = torch.tensor([i for i, n in enumerate(self.held_out_photos) if n == name])
+            contrast = self.held_out[index].flatten(1).std(dim=1).mean().item()
+            out[name] = agreement(self.ref_held[index], logits[index]) | {"contrast": contrast}
+        return out
 
     def summary(self, row: dict[str, Any]) -> str:
         return (
