@@ -61,6 +61,9 @@ def plan_footer(plan: Plan) -> list[str]:
             name = o.cls.rsplit(".", 1)[-1]
             kinds[name] = kinds.get(name, 0) + 1
         lines.append("other norm layers present: " + ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items())))
+    if plan.recovery.lr is not None:
+        lines.append(f"recovery (normswap.recover, --recover-steps) defaults to lr {plan.recovery.lr:g}, from the "
+                     f"recipe {plan.recipe}")
     return lines
 
 

@@ -189,4 +189,5 @@ def test_pretrained_small_batch_plan_records_its_recovery_rate_and_old_plans_sti
     assert normswap.Plan.from_json(plan.to_json()) == plan
     older = {k: v for k, v in json.loads(plan.to_json()).items() if k != "recovery"}
     assert normswap.Plan.from_dict(older).recovery.lr is None
+    assert "defaults to lr 1e-05, from the recipe pretrained-small-batch" in str(plan)
     assert normswap.plan(model, "small-batch", torch.randn(2, 3, 8, 8)).recovery.lr is None
