@@ -77,7 +77,7 @@ class RecoveryResult:
 DEFAULT_LR = 1e-4
 
 
-def learning_rate(lr: float | None, plan: Plan | None) -> tuple[float, str]:
+def _learning_rate(lr: float | None, plan: Plan | None) -> tuple[float, str]:
     """The learning rate recovery uses and where it came from: the caller's, else the plan's recipe's,
     else :data:`DEFAULT_LR`."""
     if lr is not None:
@@ -174,7 +174,7 @@ def recover(
     """
     if steps < 1:
         raise PlanError(f"recovery needs at least one step, got {steps}.")
-    lr, lr_source = learning_rate(lr, plan)
+    lr, lr_source = _learning_rate(lr, plan)
     inputs = data if isinstance(data, InputSet) else load_inputs(original, data, batch_size=batch_size)
     if inputs.source == "synthetic":
         raise DataError("recovery needs data: give real samples (a tensor, an image folder, a tensor file or a "
@@ -331,7 +331,8 @@ class ImageAugment:
     outputs on a few photos (Beyer et al., "Knowledge distillation: a good teacher is patient and
     consistent", 2022). Contrast matters to a converted model whose norms are per sample: its
     activations' energy, and so what those norms do, follows the image's contrast, which a few
-    calibration photos may not span. Random numbers come from the generator, on the CPU."""
+    calibration photos may not span (on Lite1, ``contrast=(0.2, 1)`` lowered held-out KL a little but
+    did not raise top-1 agreement; BENCHMARKS.md). Random numbers come from the generator, on the CPU."""
 
     size: int | None = None
     scale: tuple[float, float] = (0.25, 1.0)
