@@ -180,16 +180,35 @@ def seconds_per_step(result: dict[str, Any]) -> float:
     return result["seconds_per_step"] or result["curve"][-1]["seconds"] / max(result["curve"][-1]["step"], 1)
 
 
+def contrast_of(settings: dict[str, Any]) -> tuple[float, ...]:
+    return tuple(settings.get("contrast", (1.0, 1.0)))  # runs from before --contrast had none
+
+
+def temperature_of(settings: dict[str, Any]) -> float:
+    return settings.get("temperature", 1.0)
+
+
+def views_moved(to: dict[str, Any], start: dict[str, Any], views: int) -> int:
+    """How many held-out views of ``views`` the top-1 agreement moved from one curve point to another."""
+    return round((to["top1_agreement"] - start["top1_agreement"]) * views)
+
+
+def at_common_step(run: dict[str, Any], other: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """The last step both runs reached, and each one's curve point there."""
+    step = min(run["curve"][-1]["step"], other["curve"][-1]["step"])
+    return step, point_at(run, step), point_at(other, step)
+
+
 def describe(result: dict[str, Any]) -> str:
     settings = result["settings"]
     parts = [f"lr {settings['lr']:g}"]
     if settings.get("warmup"):
         parts.append(f"{settings['warmup']} warm-up steps")
     parts.append(f"mixup p {settings['mix']:g}")
-    if settings.get("temperature", 1.0) != 1.0:
-        parts.append(f"temperature {settings['temperature']:g}")
-    if tuple(settings.get("contrast", (1.0, 1.0))) != (1.0, 1.0):
-        parts.append(f"contrast ×{settings['contrast'][0]:g}–{settings['contrast'][1]:g}")
+    if temperature_of(settings) != 1.0:
+        parts.append(f"temperature {temperature_of(settings):g}")
+    if contrast_of(settings) != (1.0, 1.0):
+        parts.append(f"contrast ×{contrast_of(settings)[0]:g}–{contrast_of(settings)[1]:g}")
     if settings.get("recover_seed") is not None:
         parts.append(f"recovery seed {settings['recover_seed']}")
     if tuple(settings.get("scale", (0.25, 1.0))) != (0.25, 1.0):
@@ -362,7 +381,7 @@ def broad_series(results: list[dict[str, Any]]) -> list[str]:
     if len(ends) == 2:
         few, many = (r["curve"][-1] for r in ends)
         views = ends[0]["held_out_views"]
-        moved = round((many["top1_agreement"] - few["top1_agreement"]) * views)
+        moved = views_moved(many, few, views)
         lines += ["", f"At step {few['step']} / {many['step']}: {pct(few['top1_agreement'])} % (KL {few['kl']:.3f}) "
                   f"with {ends[0]['pool']['photos']} photos, {pct(many['top1_agreement'])} % (KL {many['kl']:.3f}) "
                   f"with {ends[1]['pool']['photos']}: the {ends[1]['pool']['photos'] - ends[0]['pool']['photos']} "
@@ -390,8 +409,7 @@ def broad_series(results: list[dict[str, Any]]) -> list[str]:
 
 def is_lever(result: dict[str, Any]) -> bool:
     """A run that changes what the distillation aims at (contrast in the views, the temperature)."""
-    settings = result["settings"]
-    return tuple(settings.get("contrast", (1.0, 1.0))) != (1.0, 1.0) or settings.get("temperature", 1.0) != 1.0
+    return contrast_of(result["settings"]) != (1.0, 1.0) or temperature_of(result["settings"]) != 1.0
 
 
 def point_at(result: dict[str, Any], step: int) -> dict[str, Any] | None:
@@ -447,9 +465,8 @@ def lever_series(
     views = runs[0]["held_out_views"]
     for r in runs:
         base = matched_baseline(r, baselines)
-        step = min(r["curve"][-1]["step"], base["curve"][-1]["step"])
-        mine, theirs = point_at(r, step), point_at(base, step)
-        moved = round((mine["top1_agreement"] - theirs["top1_agreement"]) * views)
+        step, mine, theirs = at_common_step(r, base)
+        moved = views_moved(mine, theirs, views)
         agree, accuracy = imagenet_cells(r)
         lines.append(
             f"| {describe(r)} | {r['pool']['photos']} photos | {steps_run(r)} | {held_out_cell(r)} | {kl_cell(r)} | "
@@ -484,8 +501,7 @@ def reseeded(result: dict[str, Any]) -> bool:
 def twin(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The run with the same pool, contrast and temperature under the default seed."""
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
-        s = r["settings"]
-        return r["pool"]["photos"], tuple(s.get("contrast", (1.0, 1.0))), s.get("temperature", 1.0)
+        return r["pool"]["photos"], contrast_of(r["settings"]), temperature_of(r["settings"])
 
     return next((r for r in runs if not reseeded(r) and key(r) == key(run)), None)
 
@@ -508,12 +524,10 @@ def seed_series(seeds: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list
         other = twin(r, runs)
         if other is None:
             continue
-        step = min(r["curve"][-1]["step"], other["curve"][-1]["step"])
-        mine, theirs = point_at(r, step), point_at(other, step)
+        step, mine, theirs = at_common_step(r, other)
         views = r["held_out_views"]
-        apart.append(abs(round((mine["top1_agreement"] - theirs["top1_agreement"]) * views)))
-        gaps = [abs(round((c["top1_agreement"] - b["top1_agreement"]) * views)) for c in r["curve"][1:]
-                if (b := point_at(other, c["step"])) is not None]
+        apart.append(abs(views_moved(mine, theirs, views)))
+        gaps = [abs(views_moved(c, b, views)) for c in r["curve"][1:] if (b := point_at(other, c["step"])) is not None]
         widest = max(widest, *gaps)
         lines.append(f"| {describe(other)}, {r['pool']['photos']} photos, step {step} | "
                      f"{pct(theirs['top1_agreement'])} / {theirs['kl']:.3f} | {pct(mine['top1_agreement'])} / "

@@ -240,8 +240,8 @@ def recover(
         converted.train(was_training)
         for m, mode in original_modes:
             m.training = mode
-    result = RecoveryResult(steps, time.perf_counter() - began, first, final, lr, world, start, lr_source,
-                            warmup_steps, augment=repr(augment) if augment is not None else "")
+    result = RecoveryResult(steps, time.perf_counter() - began, first, final, lr, world, start, lr_source=lr_source,
+                            warmup_steps=warmup_steps, augment=repr(augment) if augment is not None else "")
     if best is None:
         return result
     return dataclasses.replace(result, holdout_error=tuple(best.errors), kept_step=best.step,
