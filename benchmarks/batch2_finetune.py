@@ -61,6 +61,14 @@ VARIANTS: dict[str, tuple[Any, str]] = {
         pretrained_small_batch_with("rmsnorm-chw", 1.0),
         "`pretrained-small-batch` with images eps 1 (normalizes more of the per-sample scale)",
     ),
+    "RMSNorm over C×H×W, standardize, eps 30": (
+        pretrained_small_batch_with("rmsnorm-chw", 30.0),
+        "`pretrained-small-batch` with images eps 30 (normalizes less: closer to the original)",
+    ),
+    "RMSNorm over C×H×W, standardize, eps 100": (
+        pretrained_small_batch_with("rmsnorm-chw", 100.0),
+        "`pretrained-small-batch` with images eps 100 (normalizes only activations far past unit scale)",
+    ),
     "RMSNorm over C×H×W, standardize, eps 1e-5": (
         pretrained_small_batch_with("rmsnorm-chw", 1e-5),
         "`pretrained-small-batch` with images eps 1e-5 (fully normalizing)",
@@ -152,7 +160,7 @@ def render(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (digits.py: 1 is fastest here)")
     parser.add_argument("--held-out", type=int, default=500)
     parser.add_argument("--width", type=int, default=32)

@@ -1,6 +1,6 @@
 """Does Lite1's held-out agreement depend on which photos are held out? Every photo held out once.
 
-    python benchmarks/lite1_folds.py --write        # about 20 minutes on 2 CPU cores
+    python benchmarks/lite1_folds.py --write        # about 10 minutes on 2 CPU cores
     python benchmarks/lite1_folds.py --render-only --write
 
 ``lite1_photos.py`` fixes one split of its 20 photos: 11 to calibrate or distil on, 9 held out. Here
@@ -12,7 +12,9 @@ lr 1e-5, batch 16), is scored on the fold's views. Pooled over the folds every v
 by a model that never saw its photo. The split of ``lite1_photos.py`` is run the same way beside them,
 as a check that this reproduces it. For scale, the original itself on the views shifted by 2 pixels,
 and agreement on the stable views (whose top-1 the original keeps under the perturbations of
-``lite1_photos.REFERENCES``).
+``lite1_photos.REFERENCES``). Last, the eps dial: the same conversion, no data, with the image rule's
+eps set to each of ``--eps``, scored on the 160 views and on 20 labelled ImageNet photos, beside what
+``batch2_finetune.py`` recorded for the same eps at batch 2.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from _common import (  # noqa: E402
     agreement,
     command_line,
     logits_of,
+    pretrained_small_batch_with,
     machine,
     pct,
     publish,
@@ -43,10 +46,12 @@ from _common import (  # noqa: E402
     seed_all,
     versions,
 )
+import photo_wheels  # noqa: E402
 from lite1_photos import (  # noqa: E402
     CALIBRATION_PHOTOS,
     HELD_OUT_PHOTOS,
     REFERENCES,
+    HeldOutPhotos,
     Perturbed,
     build_original,
     build_views,
@@ -54,6 +59,8 @@ from lite1_photos import (  # noqa: E402
 
 SECTION = "lite1-folds"
 RECIPE = "pretrained-small-batch"
+RECIPE_EPS = next(rule["options"]["eps"] for rule in normswap.load_recipe(RECIPE).to_dict()["rules"]
+                  if "image" in rule["match"].get("layouts", []))  # the eps of its image rule
 BENCHMARK_SPLIT = "the split of lite1_photos.py"
 
 
@@ -124,6 +131,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"recovered {pct(rows[-1]['recovered']['top1_agreement'])} % in {seconds:.0f} s", flush=True)
 
     return {
+        "eps_dial": eps_dial(original, views, reference, stable, torch.tensor([p in HELD_OUT_PHOTOS for p in photo_of]),
+                             HeldOutPhotos(original, photo_wheels.names("imagenet"), size, crop_pct, args.seed + 3),
+                             args.eps),
         "benchmark": "lite1_folds",
         "command": command_line(),
         "machine": machine(),
@@ -151,6 +161,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for idx in [torch.tensor([i for i, q in enumerate(photo_of) if q == p])]
         },
     }
+
+
+def eps_dial(original: torch.nn.Module, views: torch.Tensor, reference: torch.Tensor, stable: torch.Tensor,
+             split: torch.Tensor, imagenet: HeldOutPhotos, values: list[float]) -> list[dict[str, Any]]:
+    """The recipe with its image rule's eps replaced, no data: how much of the original each eps keeps."""
+    rows = []
+    for eps in values:
+        model = normswap.convert(original, pretrained_small_batch_with("rmsnorm-chw", eps), example_inputs=views[:1],
+                                 validate=False, batch_size=2).model
+        logits = logits_of(model, views)
+        rows.append({
+            "eps": eps,
+            "all": agreement(reference, logits),
+            "split": agreement(reference[split], logits[split]),
+            "stable": top1(reference, logits, stable),
+            "imagenet": imagenet.score(model),
+        })
+        print(f"eps {eps:g}: {pct(rows[-1]['all']['top1_agreement'])} % of all views, "
+              f"{pct(rows[-1]['split']['top1_agreement'])} % of the split's held-out views", flush=True)
+    return rows
 
 
 def top1(reference: torch.Tensor, logits: torch.Tensor, among: torch.Tensor) -> float | None:
@@ -212,8 +242,56 @@ def render(result: dict[str, Any]) -> str:
     for photo, p in sorted(result["per_photo"].items(), key=lambda kv: kv[1]["original_top1_probability"]):
         lines.append(f"| {photo} | {p['original_top1_probability']:.2f} | {pct(p['shifted'])} | {pct(p['no_data'])} | "
                      f"{pct(p['recovered'])} |")
-    lines += ["", "Raw numbers: `benchmarks/results/lite1_folds.json`."]
+    lines += ["", *dial_table(result), "", "Raw numbers: `benchmarks/results/lite1_folds.json`."]
     return "\n".join(lines)
+
+
+def dial_table(result: dict[str, Any]) -> list[str]:
+    """The eps dial, set beside what each eps gave when fine-tuned at batch 2 (batch2_finetune.py, digits)."""
+    batch2 = batch2_at_lr(1e-3)
+    lines = [
+        "### The eps dial, no data",
+        "",
+        "After the `standardize` transfer every channel has unit variance on the original's data, and the image "
+        "rule's RMSNorm divides each sample by √(mean x² + eps): eps sets how far past that operating point the "
+        "per-sample normalization takes over (at eps 0 it always does; at large eps it only limits activations "
+        "grown far past unit scale). The same conversion with each eps, no data, top-1 agreement % (KL); the last "
+        "column is the digits network converted the same way and fine-tuned at batch 2 (lr 1e-3, the Batch 2 "
+        "section: mean over its seeds, lowest in brackets):",
+        "",
+        "| images eps | all 160 views | the split's 72 held-out views | stable views | ImageNet photos: agreement "
+        "| ImageNet photos: accuracy | digits, fine-tuned at batch 2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["eps_dial"]:
+        net = row["imagenet"]
+        lines.append(
+            f"| {row['eps']:g}{' (the recipe)' if row['eps'] == RECIPE_EPS else ''} | {cell(row['all'])} | "
+            f"{cell(row['split'])} | {pct(row['stable'])} | {pct(net['top1_agreement'])} ({net['kl']:.3f}) | "
+            f"{pct(net['accuracy'])} (original {pct(net['original_accuracy'])}) | {batch2.get(row['eps'], '—')} |"
+        )
+    return lines
+
+
+def batch2_at_lr(lr: float) -> dict[float, str]:
+    """eps → held-out accuracy after fine-tuning at batch 2, from batch2_finetune.py's recorded run."""
+    path = RESULTS / "batch2_finetune.json"
+    if not path.exists():
+        return {}
+    runs = json.loads(path.read_text())["runs"]
+    out = {}
+    for name in runs[0]["variants"]:
+        eps = RECIPE_EPS if name == "`pretrained-small-batch`" else variant_eps(name)
+        if eps is not None:
+            values = [r["variants"][name]["finetuned"][str(lr)] for r in runs]
+            out[eps] = f"{pct(sum(values) / len(values))} (≥ {pct(min(values))})"
+    return out
+
+
+def variant_eps(name: str) -> float | None:
+    """The eps of batch2_finetune's RMSNorm variants ("RMSNorm over C×H×W, standardize, eps 30")."""
+    head, _, eps = name.rpartition(", eps ")
+    return float(eps) if head.startswith("RMSNorm over C×H×W") else None
 
 
 def lite1_stable_views() -> int | str:
@@ -235,6 +313,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="recovery steps per fold")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eps", type=float, nargs="+", default=[1.0, 10.0, 30.0, 100.0, 1000.0],
+                        help="image-rule eps values of the dial")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--render-only", action="store_true", help="render the recorded run")
     parser.add_argument("--write", action="store_true", help="rewrite the lite1-folds section of BENCHMARKS.md")
