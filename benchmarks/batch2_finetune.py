@@ -4,7 +4,7 @@ for — and its held-out accuracy is measured before and after, next to the same
 BatchNorm kept (train-mode batch statistics of 2 samples) and with it frozen.
 
     python benchmarks/batch2_finetune.py            # prints the table, writes benchmarks/results/batch2_finetune.json
-    python benchmarks/batch2_finetune.py --write    # also rewrites the batch2 section of BENCHMARKS.md
+    python benchmarks/batch2_finetune.py --write    # also rewrites BENCHMARKS.md § batch2 (7 min: 10 seeds)
 
 The network, data split and training of the original are those of ``benchmarks/digits.py`` (same
 seeds give the same networks). Fine-tuning: Adam, cross-entropy on the train split's labels, one epoch
