@@ -241,6 +241,11 @@ def pct(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{100 * v:.{digits}f}"
 
 
+def mean_and_lowest(values: list[float]) -> str:
+    """Fractions over seeds as "mean (≥ lowest)", in %."""
+    return f"{pct(sum(values) / len(values))} (≥ {pct(min(values))})"
+
+
 def num(v: float | None, fmt: str = ".3f") -> str:
     return "—" if v is None else format(v, fmt)
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import normswap  # noqa: E402
 from _common import (  # noqa: E402
+    mean_and_lowest,
     RESULTS,
     clock,
     command_line,
@@ -117,9 +118,6 @@ def render(result: dict[str, Any]) -> str:
     runs, lrs = result["runs"], [f"{lr:g}" for lr in result["settings"]["finetune_lr"]]
     v, m = result["versions"], result["machine"]
 
-    def stat(values: list[float]) -> str:
-        return f"{100 * sum(values) / len(values):.1f} (≥ {100 * min(values):.1f})"
-
     lines = [
         "## Training at batch 2 after conversion: scikit-learn digits",
         "",
@@ -130,7 +128,7 @@ def render(result: dict[str, Any]) -> str:
         "on the train split's labels for one epoch **at batch size 2** "
         f"({runs[0]['variants']['BatchNorm kept']['steps']} Adam steps, every parameter trainable). Held-out "
         "accuracy %, mean over the seeds (lowest in brackets); the original's is "
-        f"{stat([r['original'] for r in runs])}.",
+        f"{mean_and_lowest([r['original'] for r in runs])}.",
         "",
         "| network | how | converted | " + " | ".join(f"fine-tuned at batch 2, lr {lr}" for lr in lrs) + " |",
         "|---|---|---|" + "---|" * len(lrs),
@@ -140,8 +138,8 @@ def render(result: dict[str, Any]) -> str:
             continue
         rows = [r["variants"][name] for r in runs]
         lines.append(
-            f"| {name} | {how} | {stat([r['converted'] for r in rows])} | "
-            + " | ".join(stat([r["finetuned"][lr] for r in rows]) for lr in lrs)
+            f"| {name} | {how} | {mean_and_lowest([r['converted'] for r in rows])} | "
+            + " | ".join(mean_and_lowest([r["finetuned"][lr] for r in rows]) for lr in lrs)
             + " |"
         )
     lines += [

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import normswap  # noqa: E402
 from _common import (  # noqa: E402
+    mean_and_lowest,
     RESULTS,
     clock,
     command_line,
@@ -97,9 +98,6 @@ def render(result: dict[str, Any]) -> str:
     runs, v, m = result["runs"], result["versions"], result["machine"]
     lrs = list(runs[0]["variants"]["BatchNorm kept"]["finetuned"])
 
-    def stat(values: list[float]) -> str:
-        return f"{100 * sum(values) / len(values):.1f} (≥ {100 * min(values):.1f})"
-
     lines = [
         "## Fine-tuning a pretrained network at batch 2: EfficientNet-Lite1 on digits",
         "",
@@ -117,8 +115,8 @@ def render(result: dict[str, Any]) -> str:
     for name, (_, how) in VARIANTS.items():
         rows = [r["variants"][name] for r in runs if name in r["variants"]]
         if rows:
-            lines.append(f"| {name} | {how} | " + " | ".join(stat([r["finetuned"][lr] for r in rows]) for lr in lrs)
-                         + " |")
+            cells = [mean_and_lowest([r["finetuned"][lr] for r in rows]) for lr in lrs]
+            lines.append(f"| {name} | {how} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "The kept BatchNorm normalizes by, and updates its running statistics from, batches of 2; evaluation uses "

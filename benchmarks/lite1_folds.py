@@ -39,6 +39,7 @@ from _common import (  # noqa: E402
     command_line,
     logits_of,
     machine,
+    mean_and_lowest,
     pct,
     pretrained_small_batch_with,
     publish,
@@ -286,7 +287,7 @@ def batch2_at_lr(lr: float) -> dict[float, str]:
         eps = RECIPE_EPS if name == "`pretrained-small-batch`" else variant_eps(name)
         if eps is not None:
             values = [r["variants"][name]["finetuned"][str(lr)] for r in runs]
-            out[eps] = f"{pct(sum(values) / len(values))} (≥ {pct(min(values))})"
+            out[eps] = mean_and_lowest(values)
     return out
 
 
