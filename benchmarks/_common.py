@@ -39,12 +39,16 @@ def missing_note(name: str) -> str:
     return f"skipped: `normswap.{name}` does not exist in this checkout yet"
 
 
+def image_rule(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The rule of a recipe (as a dict) that matches image layouts."""
+    return next(rule for rule in recipe["rules"] if "image" in rule["match"].get("layouts", []))
+
+
 def pretrained_small_batch_with(target: str, eps: float) -> dict[str, Any]:
     """The shipped ``pretrained-small-batch`` recipe with its image rule's target and eps replaced."""
     recipe = load_recipe("pretrained-small-batch").to_dict()
-    for rule in recipe["rules"]:
-        if "image" in rule["match"].get("layouts", []):
-            rule["target"], rule["options"]["eps"] = target, float(eps)
+    rule = image_rule(recipe)
+    rule["target"], rule["options"]["eps"] = target, float(eps)
     return recipe
 
 

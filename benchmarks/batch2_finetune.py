@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import normswap  # noqa: E402
 from _common import (  # noqa: E402
-    mean_and_lowest,
     RESULTS,
     clock,
     command_line,
     machine,
+    mean_and_lowest,
     pretrained_small_batch_with,
     publish,
     save_json,

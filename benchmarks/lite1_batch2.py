@@ -30,17 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import normswap  # noqa: E402
 from _common import (  # noqa: E402
-    mean_and_lowest,
     RESULTS,
     clock,
     command_line,
     machine,
-    pretrained_small_batch_with,
+    mean_and_lowest,
     publish,
     save_json,
     seed_all,
     versions,
 )
+from batch2_finetune import VARIANTS as DIGITS_VARIANTS  # noqa: E402
 from batch2_finetune import accuracy  # noqa: E402
 from digits import load_data, train_labels  # noqa: E402
 from lite1_photos import build_original  # noqa: E402
@@ -48,17 +48,11 @@ from lite1_photos import build_original  # noqa: E402
 SECTION = "batch2-lite1"
 SIDE = 64
 
-# name → (recipe or None for the BatchNorm network as it is, how it was made)
-VARIANTS: dict[str, tuple[Any, str]] = {
-    "BatchNorm kept": (None, "no conversion: train-mode BatchNorm on batches of 2"),
-    "`freeze`": ("freeze", "FrozenBatchNorm: statistics and affine fixed"),
-    "`small-batch`": ("small-batch", "GroupNorm(32) (images), statistics-aware transfer"),
-    "`pretrained-small-batch`": ("pretrained-small-batch", "RMSNorm over C×H×W, standardize transfer, images eps 10"),
-    "RMSNorm over C×H×W, standardize, eps 30": (
-        pretrained_small_batch_with("rmsnorm-chw", 30.0), "`pretrained-small-batch` with images eps 30"),
-    "RMSNorm over C×H×W, standardize, eps 100": (
-        pretrained_small_batch_with("rmsnorm-chw", 100.0), "`pretrained-small-batch` with images eps 100"),
-}
+# The variants of batch2_finetune.py that concern a pretrained network (the same recipes and descriptions).
+VARIANTS = {name: DIGITS_VARIANTS[name] for name in (
+    "BatchNorm kept", "`freeze`", "`small-batch`", "`pretrained-small-batch`",
+    "RMSNorm over C×H×W, standardize, eps 30", "RMSNorm over C×H×W, standardize, eps 100",
+)}
 
 
 def digits_for_lite1(seed: int, held_out: int) -> dict[str, torch.Tensor]:

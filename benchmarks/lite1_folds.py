@@ -37,6 +37,7 @@ from _common import (  # noqa: E402
     RESULTS,
     agreement,
     command_line,
+    image_rule,
     logits_of,
     machine,
     mean_and_lowest,
@@ -60,8 +61,7 @@ from lite1_photos import (  # noqa: E402
 
 SECTION = "lite1-folds"
 RECIPE = "pretrained-small-batch"
-RECIPE_EPS = next(rule["options"]["eps"] for rule in normswap.load_recipe(RECIPE).to_dict()["rules"]
-                  if "image" in rule["match"].get("layouts", []))  # the eps of its image rule
+RECIPE_EPS = image_rule(normswap.load_recipe(RECIPE).to_dict())["options"]["eps"]
 BENCHMARK_SPLIT = "the split of lite1_photos.py"
 
 
