@@ -52,6 +52,44 @@ def pretrained_small_batch_with(target: str, eps: float) -> dict[str, Any]:
     return recipe
 
 
+def shipped_image_eps() -> float:
+    """The image rule's eps of the shipped ``pretrained-small-batch`` recipe: the value its rows are measured at."""
+    return float(image_rule(load_recipe("pretrained-small-batch").to_dict())["options"]["eps"])
+
+
+@torch.no_grad()
+def normalized_share(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 32) -> dict[str, Any] | None:
+    """How much of each sample's scale the model's per-sample RMS norms divide away, on inputs ``x``.
+
+    A ``GroupRMSNorm`` computes x/√(m + eps), m the mean square of the sample's group: scale the input by a
+    and the output's log-scale moves by eps/(m + eps) of log a. So m/(m + eps) is the share of a change in
+    scale the layer normalizes away (1: a plain RMSNorm; 0: a fixed rescaling, as a frozen BatchNorm).
+    Per site the mean over samples and groups; then the mean, lowest and highest over sites. None where the
+    model has no such layer."""
+    sums: dict[str, list[float]] = {}
+
+    def hook(name: str, module: normswap.GroupRMSNorm) -> Callable[..., None]:
+        def record(_: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            t = inputs[0].float()
+            m = t.reshape(len(t), module.num_groups, -1).pow(2).mean(-1)
+            total = sums.setdefault(name, [0.0, 0.0])
+            total[0] += float((m / (m + module.eps)).sum())
+            total[1] += m.numel()
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name, module)) for name, module in model.named_modules()
+               if isinstance(module, normswap.GroupRMSNorm)]
+    if not handles:
+        return None
+    try:
+        logits_of(model, x, batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    shares = [total / count for total, count in sums.values()]
+    return {"mean": sum(shares) / len(shares), "lowest": min(shares), "highest": max(shares), "sites": len(shares)}
+
+
 def small_batch_recipe(transfer: str, groups: int = 32, eps: float | None = None) -> dict[str, Any]:
     """The small-batch recipe with every rule's transfer pinned (images → GroupNorm, rest → LayerNorm),
     and optionally the image norms' eps."""
@@ -103,7 +141,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64, device: Any = None) -> torch.Tensor:
     """Eval-mode logits on the CPU, in batches (sent to ``device`` when given); the mode is restored."""

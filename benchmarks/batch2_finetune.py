@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from _common import (  # noqa: E402
     machine,
     mean_and_lowest,
     pretrained_small_batch_with,
+    shipped_image_eps,
     publish,
     save_json,
     seed_all,
@@ -52,7 +54,7 @@ VARIANTS: dict[str, tuple[Any, str]] = {
     "`small-batch`": ("small-batch", "GroupNorm(32) (images), LayerNorm (features), statistics-aware transfer"),
     "`pretrained-small-batch`": (
         "pretrained-small-batch",
-        "RMSNorm over C×H×W (images), LayerNorm (features), standardize transfer, images eps 10",
+        f"RMSNorm over C×H×W (images), LayerNorm (features), standardize transfer, images eps {shipped_image_eps():g}",
     ),
     "LayerNorm over C×H×W, standardize, eps 10": (
         pretrained_small_batch_with("layernorm-chw", 10.0),
@@ -62,13 +64,13 @@ VARIANTS: dict[str, tuple[Any, str]] = {
         pretrained_small_batch_with("rmsnorm-chw", 1.0),
         "`pretrained-small-batch` with images eps 1 (normalizes more of the per-sample scale)",
     ),
+    "RMSNorm over C×H×W, standardize, eps 10": (
+        pretrained_small_batch_with("rmsnorm-chw", 10.0),
+        "`pretrained-small-batch` with images eps 10 (the recipe's value until 2026-11-27)",
+    ),
     "RMSNorm over C×H×W, standardize, eps 30": (
         pretrained_small_batch_with("rmsnorm-chw", 30.0),
-        "`pretrained-small-batch` with images eps 30 (normalizes less: closer to the original)",
-    ),
-    "RMSNorm over C×H×W, standardize, eps 100": (
-        pretrained_small_batch_with("rmsnorm-chw", 100.0),
-        "`pretrained-small-batch` with images eps 100 (normalizes only activations far past unit scale)",
+        "`pretrained-small-batch` with images eps 30",
     ),
     "RMSNorm over C×H×W, standardize, eps 1e-5": (
         pretrained_small_batch_with("rmsnorm-chw", 1e-5),
@@ -146,14 +148,20 @@ def render(result: dict[str, Any]) -> str:
         "",
         "The kept BatchNorm normalizes by, and updates its running statistics from, batches of 2 while it is "
         "fine-tuned; the converted networks have no batch statistics (`freeze` fixes them). The eps of the "
-        "`standardize` rows is relative to unit channel variance: at eps 10 a sample with twice the typical "
-        "root mean square comes out 2·√11/√14 ≈ 1.77 times larger (1 with no eps, 2 with no norm), so near the "
-        "original's operating point the layer mostly passes the scale through, and normalizes it once "
+        f"`standardize` rows is relative to unit channel variance: {scale_example(shipped_image_eps())}, so near "
+        "the original's operating point the layer mostly passes the scale through, and normalizes it once "
         "activations grow well past unit scale.",
         "",
         f"Raw numbers: `benchmarks/results/{result['settings']['json']}`.",
     ]
     return "\n".join(lines)
+
+
+def scale_example(eps: float) -> str:
+    """What eps does to a sample of twice the unit root mean square, in words."""
+    factor = 2 * math.sqrt(1 + eps) / math.sqrt(4 + eps)
+    return (f"at eps {eps:g} a sample with twice the typical root mean square comes out 2·√{1 + eps:g}/√{4 + eps:g} "
+            f"≈ {factor:.2f} times larger (1 with no eps, 2 with no norm)")
 
 
 def main() -> None:
@@ -179,7 +187,8 @@ def main() -> None:
             "command": command_line(),
             "versions": versions(),
             "machine": machine(),
-            "settings": {k: v for k, v in vars(args).items() if k != "write"},
+            "settings": {**{k: v for k, v in vars(args).items() if k != "write"},
+                         "recipe_image_eps": shipped_image_eps()},
             "runs": [run_seed(args, seed) for seed in args.seeds],
         }
         path = save_json(args.json, result)

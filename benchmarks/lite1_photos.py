@@ -63,6 +63,7 @@ from _common import (  # noqa: E402
     secs,
     seed_all,
     pretrained_small_batch_with,
+    shipped_image_eps,
     small_batch_recipe,
     versions,
 )
@@ -726,10 +727,19 @@ def imagenet_paragraph(result: dict[str, Any]) -> str:
     )
 
 
+def shipped_rows_note(eps: float) -> str:
+    """Which `standardize` rows are the shipped recipe (it names its eps, which changed once)."""
+    shipped = shipped_image_eps()
+    if eps == shipped:
+        return f"`rmsnorm-chw` with eps {eps:g} is the `pretrained-small-batch` recipe"
+    return f"`rmsnorm-chw` with eps {eps:g} is the `pretrained-small-batch` recipe at another eps; it ships {shipped:g}"
+
+
 def _imagenet_context(ok: dict[str, dict[str, Any]]) -> str:
     """What the recovered figures on the ImageNet photos compare with: no data at all, and a 2-px shift."""
     parts = []
-    start = ok.get(f"normswap `standardize`, {STANDARDIZE_TARGETS['rmsnorm-chw']}, eps 10")
+    start = next((row for name, row in ok.items()
+                  if name.startswith(f"normswap `standardize`, {STANDARDIZE_TARGETS['rmsnorm-chw']}, eps")), None)
     if start and start.get("imagenet_photos"):
         parts.append(f"with no data at all the `pretrained-small-batch` conversion is already at "
                      f"{pct(start['imagenet_photos']['top1_agreement'])} % (KL {start['imagenet_photos']['kl']:.3f})")
@@ -878,7 +888,7 @@ def render(result: dict[str, Any]) -> str:
         f"Time: wall and CPU seconds of the method (conversion included; "
         f"scoring not). normswap conversions use the `small-batch` rules (GroupNorm(32) for every image BatchNorm) "
         f"with the transfer pinned, except the `standardize` rows, which use the target and eps given in the row "
-        f"(`rmsnorm-chw` with eps 10 is the `pretrained-small-batch` recipe).{imagenet_paragraph(result)}",
+        f"({shipped_rows_note(result['settings']['standardize_eps'])}).{imagenet_paragraph(result)}",
         "",
         "| method | how | top-1 agreement % | top-1 agreement, confident views % | top-1 agreement, stable views % "
         "| top-5 agreement % | KL | rel. L2 | wall s | CPU s | top-1 agreement on calibration views % "
@@ -992,7 +1002,8 @@ def main() -> None:
         choices=list(STANDARDIZE_TARGETS),
         help="the per-sample norms of the `standardize`/`reconstruct` rows",
     )
-    parser.add_argument("--standardize-eps", type=float, default=10.0, help="eps of the `standardize` rows")
+    parser.add_argument("--standardize-eps", type=float, default=shipped_image_eps(),
+                        help="eps of the `standardize` rows (default: the recipe's)")
     parser.add_argument("--reconstruct-steps", type=int, default=30, help="0: no standardize/reconstruct rows")
     parser.add_argument("--reconstruct-lr", type=float, default=1e-3)
     parser.add_argument("--reconstruct-batch", type=int, default=16)

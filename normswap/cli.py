@@ -18,7 +18,7 @@ from typing import Any
 from .errors import NormswapError
 
 DEFAULT_DEMO_MODEL = "resnet18"
-LR_HELP = ("default: the recipe's [recovery] lr (pretrained-small-batch: 1e-5), else 1e-4; 1e-5 to 3e-5 after "
+LR_HELP = ("default: the recipe's [recovery] lr (pretrained-small-batch: 3e-6), else 1e-4; 1e-5 to 3e-5 after "
            "--calibration-fit reconstruct, which also starts close to the original")
 WARMUP_HELP = "steps of linear learning-rate warm-up before the cosine decay (default 0)"
 AUGMENT_HELP = ("image inputs: new random resized crops, flips and mixups every step, the same for both models "

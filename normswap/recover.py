@@ -6,9 +6,11 @@ per-site feature loss (relative squared error of each converted site's activatio
 original's). The default optimiser is AdamW with cosine decay (after an optional linear warm-up)
 and gradient clipping, at 1e-4 or at the ``[recovery] lr`` of the recipe the plan came from:
 pretrained networks are wrecked by the learning rates used to train from scratch, and one that
-starts close to the original wants less still (on EfficientNet-Lite1 from ``pretrained-small-batch``,
-1e-5 and 3e-5 took held-out agreement from 68 % to 76-79 % over about 600 GPU steps, 1e-4 to 67 %;
-that recipe says 1e-5). Under ``torchrun`` the converted model is wrapped in
+starts close to the original wants less still: on EfficientNet-Lite1 from ``pretrained-small-batch`` at
+its former images eps 10, 1e-5 and 3e-5 took held-out agreement from 68 % to 76-79 % over about 600 GPU
+steps and 1e-4 to 67 %; at eps 100, which starts within a view or two of the original, 40 steps at 1e-5
+moved it away (KL 0.001 to 0.004) where 3e-6 did not, so that recipe says 3e-6. Under ``torchrun`` the
+converted model is wrapped in
 DistributedDataParallel (gloo on CPU, NCCL on GPU) and each rank draws its own samples; rank 0 writes
 checkpoints and shows progress.
 

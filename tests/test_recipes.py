@@ -185,9 +185,9 @@ def test_recovery_table_sets_a_learning_rate_the_plan_carries(tmp_path):
 def test_pretrained_small_batch_plan_records_its_recovery_rate_and_old_plans_still_load():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     plan = normswap.plan(model, "pretrained-small-batch", torch.randn(2, 3, 8, 8))
-    assert plan.recovery.lr == 1e-5 and json.loads(plan.to_json())["recovery"] == {"lr": 1e-5}
+    assert plan.recovery.lr == 3e-6 and json.loads(plan.to_json())["recovery"] == {"lr": 3e-6}
     assert normswap.Plan.from_json(plan.to_json()) == plan
     older = {k: v for k, v in json.loads(plan.to_json()).items() if k != "recovery"}
     assert normswap.Plan.from_dict(older).recovery.lr is None
-    assert "defaults to lr 1e-05, from the recipe pretrained-small-batch" in str(plan)
+    assert "defaults to lr 3e-06, from the recipe pretrained-small-batch" in str(plan)
     assert normswap.plan(model, "small-batch", torch.randn(2, 3, 8, 8)).recovery.lr is None

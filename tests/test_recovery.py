@@ -703,7 +703,7 @@ def test_recovery_rate_comes_from_the_caller_then_the_plans_recipe_then_the_defa
     conversion = normswap.convert(model, "pretrained-small-batch", data[:1], validate=False)
     by_recipe = normswap.recover(model, copy.deepcopy(conversion.model), data, steps=1, progress=False,
                                  plan=conversion.plan)
-    assert (by_recipe.lr, by_recipe.lr_source) == (1e-5, "recipe pretrained-small-batch")
+    assert (by_recipe.lr, by_recipe.lr_source) == (3e-6, "recipe pretrained-small-batch")
     given = normswap.recover(model, copy.deepcopy(conversion.model), data, steps=1, lr=3e-4, progress=False,
                              plan=conversion.plan)
     assert (given.lr, given.lr_source) == (3e-4, "argument")
@@ -712,6 +712,6 @@ def test_recovery_rate_comes_from_the_caller_then_the_plans_recipe_then_the_defa
     from normswap.render import recovery_line
 
     line = recovery_line(by_recipe.to_dict())
-    assert "at lr 1e-05 (recipe pretrained-small-batch)" in line
+    assert "at lr 3e-06 (recipe pretrained-small-batch)" in line
     with pytest.raises(normswap.NormswapError, match="learning rate must be positive"):
         normswap.recover(model, copy.deepcopy(conversion.model), data, steps=1, lr=0.0, progress=False)
