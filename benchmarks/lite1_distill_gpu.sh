@@ -1,5 +1,6 @@
 #!/bin/bash
-# The GPU runs of BENCHMARKS.md's lite1-distill section, as they were measured on one GPU.
+# The GPU runs of BENCHMARKS.md's lite1-distill section, as they were measured on one GPU: from the
+# recipe at images eps 10, its value when they ran (it ships 100 since 2026-11-27).
 #
 #   benchmarks/lite1_distill_gpu.sh PHOTOS OUTDIR [psb|long]
 #   cp OUTDIR/lite1_distill_*.json benchmarks/results/ && python benchmarks/lite1_distill.py --render --write
@@ -29,7 +30,7 @@ run() {  # file-prefix name length [options...]: one run in the background, its 
     local prefix=$1 name=$2 length=$3
     shift 3
     (python3 benchmarks/lite1_distill.py --device "$device" --photos "$photos" \
-        --start pretrained-small-batch $length --eval-every 100 --batch 64 \
+        --start pretrained-small-batch --image-eps 10 $length --eval-every 100 --batch 64 \
         --out "$out/${prefix}_$name.json" "$@" 2>&1 | sed -u "s/^/$name: /" >> "$out/runs.log") &
 }
 
