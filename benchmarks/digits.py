@@ -247,7 +247,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         )
 
     def convert_calibrated() -> Any:
-        conv = convert(original, "statistics", example, calibration=calib_x, calibration_fit="least-squares")
+        conv = convert(original, "statistics", example, calibration=normswap.Calibration(calib_x, fit="least-squares"))
         extra: dict[str, Any] = {}
         if "least-squares" in calibrated:
             a, b = logits_of(conv.model, data["x_test"]), logits_of(calibrated["least-squares"], data["x_test"])

@@ -1,7 +1,7 @@
 """normswap: swap the normalization layers of existing PyTorch models, with a plan you can read."""
 
 from .api import apply_plan, convert, plan
-from .calibrate import CalibrationResult, calibrate, synthesize_inputs
+from .calibrate import Calibration, CalibrationResult, calibrate, synthesize_inputs
 from .checks import batch_dependence
 from .data import InputSet, load_inputs
 from .distributed import on_this_rank_only
@@ -32,6 +32,7 @@ __all__ = [
     "apply_plan",
     "validate",
     "calibrate",
+    "Calibration",
     "synthesize_inputs",
     "CalibrationResult",
     "recover",

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .apply import apply_plan as _apply
-from .calibrate import calibrate
+from .calibrate import Calibration
 from .checks import count_parameters
 from .cloning import clone_model
 from .data import load_inputs
@@ -77,12 +77,6 @@ def convert(
     min_top1_agreement: float | None = None,
     strict: bool = False,
     calibration: Any = None,
-    calibration_fit: str = "least-squares",
-    calibration_sweeps: int = 2,
-    calibration_groups: str | None = None,
-    calibration_steps: int = 50,
-    calibration_holdout: Any = None,
-    synthesis_steps: int = 200,
     shapes: str = "auto",
     progress: bool = False,
     **facts: Any,
@@ -90,11 +84,9 @@ def convert(
     """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
 
     ``calibration`` refits the new norm layers against the original (:func:`normswap.calibrate`):
-    give data (a tensor, an image folder, a tensor file) or ``"data-free"`` to synthesise inputs from
-    the BatchNorm running statistics first; ``calibration_groups="search"`` lets it also choose each
-    GroupNorm's group count (the returned plan records the choice); ``calibration_steps`` are the
-    gradient steps per site of ``calibration_fit="reconstruct"``; ``calibration_holdout`` (a fraction of
-    the calibration samples, or other data) is what calibration's never-worse check judges on. With
+    give data (a tensor, an image folder, a tensor file, batches) or ``"data-free"`` to synthesise
+    inputs from the BatchNorm running statistics first, or a :class:`~normswap.Calibration` for the
+    fit, group search (the returned plan records the chosen counts), steps and hold-out. With
     ``validate`` (default) the report holds a :class:`~normswap.types.DriftReport` comparing the
     original and the converted model on ``data``, or on a few synthetic samples shaped like
     ``example_inputs``. ``strict`` raises
@@ -112,10 +104,8 @@ def convert(
     clock.append(time.perf_counter())
     calibrated = None
     if calibration is not None:
-        calibrated = calibrate(original, applied.model, calibration, plan=the_plan, fit=calibration_fit,
-                               sweeps=calibration_sweeps, groups=calibration_groups, steps=calibration_steps,
-                               holdout=calibration_holdout, synthesis_steps=synthesis_steps,
-                               input_size=tuple(inputs[0].shape[1:]), progress=progress)
+        calibrated = Calibration.of(calibration).run(original, applied.model, the_plan,
+                                                     tuple(inputs[0].shape[1:]), progress)
         the_plan = calibrated.updated_plan(the_plan)
     clock.append(time.perf_counter())
     drift = None

@@ -339,6 +339,35 @@ def _refit(
     return hook
 
 
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """How :func:`normswap.convert` calibrates, as one value: ``convert(model, "small-batch",
+    calibration=Calibration(data, fit="reconstruct", holdout=0.25))``. ``calibration=data`` (or
+    ``"data-free"``) is short for ``Calibration(data)``. Each field is :func:`calibrate`'s argument of
+    the same name."""
+
+    data: Any
+    fit: str = "least-squares"
+    sweeps: int = 2
+    groups: str | None = None
+    steps: int = 50
+    lr: float = 1e-3
+    holdout: Any = None
+    synthesis_steps: int = 200
+    batch_size: int = 32
+
+    @classmethod
+    def of(cls, spec: Any) -> Calibration:
+        return spec if isinstance(spec, Calibration) else cls(spec)
+
+    def run(self, original: nn.Module, converted: nn.Module, plan: Plan | None,
+            input_size: tuple[int, ...] | None, progress: bool = False) -> CalibrationResult:
+        return calibrate(original, converted, self.data, plan=plan, fit=self.fit, sweeps=self.sweeps,
+                         batch_size=self.batch_size, groups=self.groups, steps=self.steps, lr=self.lr,
+                         holdout=self.holdout, synthesis_steps=self.synthesis_steps, input_size=input_size,
+                         progress=progress)
+
+
 def calibrate(
     original: nn.Module,
     converted: nn.Module,

@@ -221,6 +221,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from . import api, io
+    from .calibrate import Calibration
     from .errors import OutputExistsError
     from .models import resolve_model
 
@@ -238,9 +239,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     augment = _augment(recovery_data) if args.augment else None
     # The saved plan records every site's input shape: the command line is not the place to save 10 ms.
     conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
-                             calibration=calibration, calibration_fit=args.calibration_fit,
-                             calibration_groups=args.calibration_groups,
-                             calibration_holdout=holdout, synthesis_steps=args.synthesis_steps,
+                             calibration=None if calibration is None else Calibration(
+                                 calibration, fit=args.calibration_fit, groups=args.calibration_groups,
+                                 holdout=holdout, synthesis_steps=args.synthesis_steps),
                              shapes="always", progress=True,
                              **_facts(args))
     if recovery_data is not None:
