@@ -1,5 +1,6 @@
-"""Shared helpers of the real-data benchmarks (digits.py, lite1_photos.py, lite1_distill.py): API detection, timing,
-agreement metrics, JSON results and the BENCHMARKS.md section writer."""
+"""The benchmarks' shared harness: API detection, timing, agreement metrics, JSON results, and
+:func:`publish`, which writes each benchmark's full tables under ``benchmarks/results/`` and their summary
+into its section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -267,15 +268,69 @@ def write_section(section: str, text: str, path: Path = BENCHMARKS_MD) -> None:
     normswap.io.write_text_atomic(path, content)
 
 
-def publish(section: str, text: str, raw: Path, write: bool) -> None:
-    """Print a benchmark's rendered table and where its raw numbers are; with ``write``, also put the
-    table into its section of BENCHMARKS.md."""
+# Columns and blocks that BENCHMARKS.md leaves to the full tables in benchmarks/results/SECTION.md.
+DETAIL_COLUMNS = frozenset({"how", "wall s", "CPU s"})
+DETAIL_PARAGRAPHS = ("Details",)
+LONGEST_LINE = 600  # characters of prose a summary line keeps; the full tables keep all of it
+
+
+def condensed(text: str, keep: tuple[str, ...] | None = None) -> str:
+    """The summary of a rendered section: ``### `` subsections not named in ``keep`` (all, when None),
+    the descriptive table columns and the "Details" lists are left out."""
+    parts = re.split(r"(?m)^(?=### )", text)
+    kept = [parts[0]] + [p for p in parts[1:] if keep is None or p[4:].splitlines()[0].strip() in keep]
+    blocks = "\n".join(kept).split("\n\n")
+    out: list[str] = []
+    skipping = False
+    for block in blocks:
+        if block.startswith(DETAIL_PARAGRAPHS) or block.startswith("Raw numbers"):
+            skipping = True
+            continue
+        if skipping and block.lstrip().startswith("- "):
+            continue
+        skipping = False
+        out.append("\n".join(_shortened(line) for line in _without_columns(block, DETAIL_COLUMNS).splitlines()))
+    return "\n\n".join(out).rstrip()
+
+
+def _shortened(line: str) -> str:
+    if len(line) <= LONGEST_LINE or line.startswith("|"):
+        return line
+    cut = line.rfind("; ", 0, LONGEST_LINE)
+    cut = cut if cut > LONGEST_LINE // 2 else line.rfind(" ", 0, LONGEST_LINE)
+    return line[:cut].rstrip(";,") + " … (full tables)"
+
+
+def _without_columns(block: str, names: frozenset[str]) -> str:
+    lines = block.splitlines()
+    if len(lines) < 2 or not lines[0].startswith("|") or not set(lines[1]) <= set("|-: "):
+        return block
+    header = [c.strip() for c in lines[0].strip().strip("|").split("|")]
+    drop = {i for i, c in enumerate(header) if c in names}
+    if not drop:
+        return block
+
+    def cells(line: str) -> str:
+        row = line.strip().strip("|").split("|")
+        return "| " + " | ".join(c.strip() for i, c in enumerate(row) if i not in drop) + " |"
+
+    return "\n".join(cells(line) if line.startswith("|") else line for line in lines)
+
+
+def publish(section: str, text: str, raw: Path, write: bool, keep: tuple[str, ...] | None = None) -> None:
+    """Print a benchmark's rendered tables and where its raw numbers are. With ``write``, the full
+    tables go to ``benchmarks/results/SECTION.md`` and their summary (:func:`condensed`) into the
+    section of BENCHMARKS.md."""
     print()
     print(text)
     print(f"\nraw results: {raw}")
     if write:
-        write_section(section, text)
-        print(f"BENCHMARKS.md: {section} section rewritten")
+        full = RESULTS / f"{section}.md"
+        normswap.io.write_text_atomic(full, text.rstrip() + "\n")
+        summary = condensed(text, keep)
+        summary += f"\n\nFull tables: `{full.relative_to(ROOT)}`; raw numbers: `{raw.relative_to(ROOT)}`."
+        write_section(section, summary)
+        print(f"BENCHMARKS.md: {section} section rewritten; full tables in {full}")
 
 
 def pct(v: float | None, digits: int = 1) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +19,9 @@ import timm
 import torch
 
 import normswap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import publish, save_json  # noqa: E402
 
 MODELS = ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "levit_128s"]
 RECIPES = ["small-batch", "fold"]
@@ -59,39 +62,20 @@ def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-
-
-def write_section(text: str, path: Path = BENCHMARKS_MD) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    block = f"{begin}\n{text}\n{end}"
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in content:
-        content = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.S)
-    else:
-        content = content.rstrip() + "\n\n" + block + "\n"
-    normswap.io.write_text_atomic(path, content)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--write", action="store_true", help="rewrite the section in BENCHMARKS.md")
     args = parser.parse_args()
     rows = [(m, r, measure(m, r, args.rounds)) for m in MODELS for r in RECIPES]
-    body = table(rows)
-    print(body)
-    if args.write:
-        import normswap.io  # noqa: F401  (write_text_atomic)
-
-        header = (
-            f"## Conversion time against one forward pass\n\n"
-            f"`python benchmarks/convert_time.py --write` · torch {torch.__version__}, timm {timm.__version__}, "
-            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"median of {args.rounds} interleaved rounds, default input size, CPU.\n\n"
-        )
-        write_section(header + body)
-
+    header = (
+        f"## Conversion time against one forward pass\n\n"
+        f"`python benchmarks/convert_time.py --write` · torch {torch.__version__}, timm {timm.__version__}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"median of {args.rounds} interleaved rounds, default input size, CPU.\n\n"
+    )
+    raw = save_json("convert_time.json", {"rows": [{"model": m, "recipe": r, **v} for m, r, v in rows]})
+    publish(SECTION, header + table(rows), raw, args.write)
 
 if __name__ == "__main__":
     main()

@@ -50,7 +50,6 @@ from lite1_photos import build_original  # noqa: E402
 
 SECTION = "batch2-lite1"
 SIDE = 64
-UNFOLDED = "lite1_batch2_unfolded.json"  # written by lite1_unfolded.py
 
 # The variants of batch2_finetune.py that concern a pretrained network (the same recipes and descriptions).
 VARIANTS = {name: DIGITS_VARIANTS[name] for name in (
@@ -133,9 +132,10 @@ def render(result: dict[str, Any]) -> str:
         "",
         "The kept BatchNorm normalizes by, and updates its running statistics from, batches of 2; evaluation uses "
         "those running statistics. The converted networks have no batch statistics. How much of the original "
-        "each eps keeps before any training is the Lite1 folds section's eps dial.",
+        "each eps keeps before any training: docs/investigations/lite1-eps-dial.md.",
         *share_table(runs, lrs),
-        *unfolded_table(result),
+        "",
+        "Why `pretrained-small-batch` fine-tunes unsteadily: docs/investigations/lite1-unfolded.md.",
         "",
         f"Raw numbers: `benchmarks/results/{result['settings']['json']}`.",
     ]
@@ -164,37 +164,6 @@ def share_table(runs: list[dict[str, Any]], lrs: list[str]) -> list[str]:
     return lines
 
 
-def unfolded_table(result: dict[str, Any]) -> list[str]:
-    """lite1_unfolded.py's runs: the recipe's conversion against the same function with its convs unfolded."""
-    path = RESULTS / UNFOLDED
-    if not path.exists():
-        return []
-    recorded = json.loads(path.read_text())
-    if recorded["settings"].get("recipe_image_eps") != result["settings"].get("recipe_image_eps"):
-        return []  # another eps than the runs above
-    runs, lr = recorded["runs"], recorded["settings"]["lr"]
-    gap = max(r["max_abs_logit_gap"] for r in runs)
-    return [
-        "",
-        "Much of why `pretrained-small-batch` fine-tunes unsteadily here: its `standardize` transfer folds "
-        "(x − μ)/s into the conv before each site, dividing each output channel's weights by s. The function is "
-        "the same, but "
-        "Adam moves every weight by about the learning rate whatever its size, so channels whose weights shrank "
-        f"take larger relative steps than in the original. `{recorded['command']}` builds the same function with "
-        "the conv weights as they were and (x − μ)/s applied by frozen buffers before each norm (a diagnostic, "
-        f"not something normswap produces; largest logit difference {gap:.1e}) and fine-tunes both as above, "
-        f"lr {lr:g}:",
-        "",
-        "| seed | " + " | ".join(str(r["seed"]) for r in runs) + " | mean (lowest) |",
-        "|---|" + "---|" * (len(runs) + 1),
-        *(f"| {label} | " + " | ".join(pct(r[key]) for r in runs) + f" | {mean_and_lowest([r[key] for r in runs])} |"
-          for key, label in (("folded", "`pretrained-small-batch` (folded)"),
-                             ("unfolded", "the same, convs unfolded"))),
-        "",
-        f"Raw numbers: `benchmarks/results/{UNFOLDED}`.",
-    ]
-
-
 def record(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
     """A result with no runs yet: how, where and with which recipe eps it is run."""
     return {
@@ -209,7 +178,7 @@ def record(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render_recorded(section: str, write: bool) -> None:
-    """Render the recorded runs again (with lite1_unfolded.py's, when recorded)."""
+    """Render the recorded runs again."""
     raw = RESULTS / "lite1_batch2.json"
     publish(section, render(json.loads(raw.read_text())), raw, write)
 

@@ -59,9 +59,8 @@ from normswap.checks import first_tensor
 from normswap.cloning import clone_model
 from normswap.tracing import model_state_guard, trace_graph
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BENCHMARKS_MD, RESULTS, ROOT, publish  # noqa: E402
 SECTION = "zoo"
 
 RECIPES = ("small-batch", "sequence", "dp", "fold")
@@ -1483,17 +1482,6 @@ def section_of(mode: str) -> str:
     return SECTION if mode == "fast" else f"{SECTION}-{mode}"
 
 
-def write_section(text: str, section: str = SECTION, path: Path = BENCHMARKS_MD) -> None:
-    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
-    block = f"{begin}\n{text}\n{end}"
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in content and end in content:
-        content = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, content, flags=re.S)
-    else:
-        content = content.rstrip() + "\n\n" + block + "\n"
-    normswap.io.write_text_atomic(path, content)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
@@ -1634,11 +1622,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     wanted = {m.name for m in selected}
     records = sorted((r for r in read_results(results) if r["name"] in wanted), key=lambda r: (r["family"], r["name"]))
     text = render(records, mode, command_line(args), meta)
-    if args.write:
-        write_section(text, section_of(mode))
-        print(f"wrote the {section_of(mode)} section of {BENCHMARKS_MD} ({len(records)} models)", file=sys.stderr)
-    else:
-        print(text)
+    keep = ("Totals", "Conversion time against one batch-1 eval forward", "Failures (first error line, innermost normswap frame)")
+    publish(section_of(mode), text, results, args.write, keep=keep if mode == "fast" else (keep[0], keep[2]))
 
 
 def warn_if_settings_differ(meta: dict[str, Any], args: argparse.Namespace, results: Path) -> None:
