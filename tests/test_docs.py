@@ -155,3 +155,15 @@ def test_generated_reference_pages_are_current() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "docs" / "generate.py"), "--check"], capture_output=True,
                           text=True, env=environment(Path(sys.executable).parent), timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
+def test_relative_links_point_at_files_that_exist(doc: Path) -> None:
+    text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
+    broken = [target for target in LINK.findall(text)
+              if not target.startswith(("http://", "https://", "#", "mailto:"))
+              and not (doc.parent / target.split("#")[0]).exists()]
+    assert not broken, f"{doc.relative_to(ROOT)} links to missing files: {broken}"
