@@ -66,7 +66,7 @@ VARIANTS: dict[str, tuple[Any, str]] = {
     ),
     "RMSNorm over C×H×W, standardize, eps 10": (
         pretrained_small_batch_with("rmsnorm-chw", 10.0),
-        "`pretrained-small-batch` with images eps 10 (the recipe's value until 2026-11-27)",
+        "`pretrained-small-batch` with images eps 10",
     ),
     "RMSNorm over C×H×W, standardize, eps 30": (
         pretrained_small_batch_with("rmsnorm-chw", 30.0),
