@@ -49,6 +49,7 @@ def builtin_recipe_dir() -> Path:
 
 
 def builtin_recipes() -> list[str]:
+    """The names of the shipped recipes (``recipes/*.toml``), each loadable by :func:`load_recipe`."""
     return sorted(p.stem for p in builtin_recipe_dir().glob("*.toml"))
 
 

@@ -471,6 +471,7 @@ def register_target(target: Target, *, overwrite: bool = False) -> Target:
 
 
 def get_target(name: str, where: str = "") -> Target:
+    """The registered target called ``name``; an unknown name raises ``UnknownNameError`` listing the valid ones."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -478,6 +479,7 @@ def get_target(name: str, where: str = "") -> Target:
 
 
 def list_targets() -> list[str]:
+    """The names of the registered targets, built-in and added by :func:`register_target`."""
     return sorted(_REGISTRY)
 
 

@@ -167,3 +167,8 @@ def test_relative_links_point_at_files_that_exist(doc: Path) -> None:
               if not target.startswith(("http://", "https://", "#", "mailto:"))
               and not (doc.parent / target.split("#")[0]).exists()]
     assert not broken, f"{doc.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def test_every_public_name_is_documented() -> None:
+    undocumented = [name for name in normswap.__all__ if not (getattr(normswap, name).__doc__ or "").strip()]
+    assert not undocumented, f"public names without a docstring: {undocumented}"
