@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import normswap  # noqa: E402
+import normswap.io  # noqa: E402
 from _common import RESULTS, command_line, machine, publish, versions  # noqa: E402
 
 SECTION = "libraries"
@@ -279,8 +280,9 @@ def run_one(name: str, recipes: tuple[str, ...]) -> dict[str, Any]:
 # The sweep and the table
 
 
-def sweep(names: list[str], recipes: tuple[str, ...], timeout: float) -> list[dict[str, Any]]:
-    records = []
+def sweep(names: list[str], recipes: tuple[str, ...], timeout: float,
+          save: Callable[[dict[str, Any]], None]) -> None:
+    """Each model in its own process; ``save`` gets each record as it comes, so a long sweep can resume."""
     for name in names:
         command = [sys.executable, __file__, "--one", name, "--recipes", ",".join(recipes)]
         start = time.perf_counter()
@@ -293,8 +295,7 @@ def sweep(names: list[str], recipes: tuple[str, ...], timeout: float) -> list[di
             record = {"name": name, "status": "timeout"}
         record["seconds"] = time.perf_counter() - start
         print(f"{name}: {record['status']} ({record['seconds']:.0f} s)", file=sys.stderr)
-        records.append(record)
-    return records
+        save(record)
 
 
 def mark(value: bool | None) -> str:
@@ -384,10 +385,13 @@ def main() -> None:
     meta_path = args.results.with_suffix(".meta.json")
     if not args.no_run:
         recorded = {r["name"]: r for r in read(args.results)}
-        for record in sweep(names, recipes, args.timeout):
-            recorded[record["name"]] = record
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text("".join(json.dumps(r) + "\n" for r in recorded.values()))
+
+        def save(record: dict[str, Any]) -> None:
+            recorded[record["name"]] = record
+            normswap.io.write_text_atomic(args.results, "".join(json.dumps(r) + "\n" for r in recorded.values()))
+
+        sweep(names, recipes, args.timeout, save)
         packages = ("timm", "torchvision", "segmentation-models-pytorch", "monai", "ultralytics", "transformers")
         meta = {"command": command_line().replace(" --write", "") + " --write", "versions": versions(*packages),
                 "machine": {**machine(), "threads": args.threads}}

@@ -36,7 +36,6 @@ from _common import (  # noqa: E402
     machine,
     mean_and_lowest,
     normalized_share,
-    pct,
     publish,
     save_json,
     seed_all,

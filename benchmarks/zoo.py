@@ -60,7 +60,7 @@ from normswap.cloning import clone_model
 from normswap.tracing import model_state_guard, trace_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCHMARKS_MD, RESULTS, ROOT, publish  # noqa: E402
+from _common import RESULTS, ROOT, publish  # noqa: E402
 SECTION = "zoo"
 
 RECIPES = ("small-batch", "sequence", "dp", "fold")
@@ -1622,7 +1622,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     wanted = {m.name for m in selected}
     records = sorted((r for r in read_results(results) if r["name"] in wanted), key=lambda r: (r["family"], r["name"]))
     text = render(records, mode, command_line(args), meta)
-    keep = ("Totals", "Conversion time against one batch-1 eval forward", "Failures (first error line, innermost normswap frame)")
+    keep = ("Totals", "Conversion time against one batch-1 eval forward",
+            "Failures (first error line, innermost normswap frame)")
     publish(section_of(mode), text, results, args.write, keep=keep if mode == "fast" else (keep[0], keep[2]))
 
 

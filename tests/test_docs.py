@@ -98,7 +98,8 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
             recipe_file.write_text(block.code)
             normswap.load_recipe(str(recipe_file))
         return
-    command = [sys.executable, "-c", block.code] if block.lang == "python" else ["bash", "-euo", "pipefail", "-c", block.code]
+    shell = ["bash", "-euo", "pipefail", "-c"]
+    command = [sys.executable, "-c", block.code] if block.lang == "python" else [*shell, block.code]
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (
         f"{block.where()} ({block.lang}) exited {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n"
