@@ -39,7 +39,8 @@ def main() -> None:
     model, data = build()
     shard = data[rank::world]  # each rank calibrates, trains and holds back on its own samples
     # Calibration is collective: the fits add up every rank's sums, reconstruction averages its gradients too.
-    fitted = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=normswap.Calibration(shard, sweeps=1))
+    fitted = normswap.convert(model, "small-batch", data[:1], validate=False,
+                              calibration=normswap.Calibration(shard, sweeps=1))
     calibrated = [normswap.convert(model, "small-batch", data[:1], validate=False,
                                    calibration=normswap.Calibration(shard, **options))
                   for options in ({"groups": "search"}, {"fit": "reconstruct", "steps": 10})]
@@ -55,7 +56,8 @@ def main() -> None:
     alone = {}
     if rank == 0:  # work on one rank only, while the other waits at the barrier below
         with normswap.on_this_rank_only():
-            mine = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=normswap.Calibration(shard, groups="search"))
+            mine = normswap.convert(model, "small-batch", data[:1], validate=False,
+                                    calibration=normswap.Calibration(shard, groups="search"))
             mine_recovered = normswap.recover(model, mine.model, shard, steps=3, batch_size=8, progress=False,
                                               holdout=0.25, eval_every=1)
         alone = {"samples": mine.report.calibration["samples"], "world": mine_recovered.world_size}

@@ -51,7 +51,8 @@ def test_calibration_reduces_drift_on_held_out_data():
     plain = normswap.convert(model, "small-batch", data[:1], validate=False)
     before = drift_of(model, plain.model, held)
     for fit in ("least-squares", "moments", "blend"):
-        calibrated = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=normswap.Calibration(calibration, fit=fit))
+        calibrated = normswap.convert(model, "small-batch", data[:1], validate=False,
+                                      calibration=normswap.Calibration(calibration, fit=fit))
         after = drift_of(model, calibrated.model, held)
         assert after < 0.6 * before, f"{fit}: {after} vs {before}"
         info = calibrated.report.calibration
@@ -178,7 +179,8 @@ def test_data_free_calibration_uses_the_running_statistics():
 
     assert gap(synthetic) < 0.2 * gap(torch.randn(32, 3, 8, 8))
     plain = normswap.convert(model, "small-batch", data[:1], validate=False)
-    free = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=normswap.Calibration("data-free", synthesis_steps=60))
+    free = normswap.convert(model, "small-batch", data[:1], validate=False,
+                            calibration=normswap.Calibration("data-free", synthesis_steps=60))
     info = free.report.calibration
     assert info["source"].startswith("data-free") and info["judged_on"] == "the synthesised inputs"
     assert info["synthesis"]["samples"] == info["samples"] == 32 and info["synthesis"]["steps"] == 60
@@ -447,7 +449,8 @@ def test_recovery_and_calibration_under_torchrun_with_two_processes_on_their_own
     from .ddp_recover import build
 
     model, data = build()
-    alone = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=normswap.Calibration(data, sweeps=1))
+    alone = normswap.convert(model, "small-batch", data[:1], validate=False,
+                             calibration=normswap.Calibration(data, sweeps=1))
     assert summary["calibration_samples"] == [64, 64, 64] and alone.report.calibration["samples"] == 64
     assert summary["reconstructed"] == ["1"]
     sharded = torch.load(str(out) + ".fitted.pt", weights_only=True)
@@ -553,7 +556,8 @@ def test_calibration_can_choose_group_counts_and_the_plan_replays_them():
     model, data = depthwise_cnn()
     calibration, held = data[:96], data[96:]
     fixed = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=calibration)
-    searched = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=normswap.Calibration(calibration, groups="search"))
+    searched = normswap.convert(model, "small-batch", data[:1], validate=False,
+                                calibration=normswap.Calibration(calibration, groups="search"))
     chosen = searched.report.calibration["groups"]
     assert set(chosen) == {"1", "4", "7"} and all(32 % g == 0 for g in chosen.values())
     errors = searched.report.calibration["output_error"]
@@ -575,7 +579,8 @@ def test_statistics_fit_chooses_structure_only_and_keeps_the_transfer():
     model, data = depthwise_cnn()
     calibration, held = data[:96], data[96:]
     plain = normswap.convert(model, "small-batch", data[:1], validate=False)
-    searched = normswap.convert(model, "small-batch", data[:1], validate=False, calibration=normswap.Calibration(calibration, groups="search", fit="statistics"))
+    searched = normswap.convert(model, "small-batch", data[:1], validate=False,
+                                calibration=normswap.Calibration(calibration, groups="search", fit="statistics"))
     chosen = searched.report.calibration["groups"]
     assert set(chosen) == {"1", "4", "7"}
     for path, groups in chosen.items():
@@ -632,7 +637,8 @@ def test_reconstruction_refits_each_site_with_its_conv_and_generalises(image_tar
     assert [e.options["transfer"] for e in plain.plan.conversions] == ["standardize"] * 3
     assert [e.target for e in plain.plan.conversions] == [image_target, image_target, "layernorm"]
     least_squares = normswap.convert(model, recipe, data[:1], validate=False, calibration=calibration)
-    rebuilt = normswap.convert(model, recipe, data[:1], validate=False, calibration=normswap.Calibration(calibration, fit="reconstruct"))
+    rebuilt = normswap.convert(model, recipe, data[:1], validate=False,
+                               calibration=normswap.Calibration(calibration, fit="reconstruct"))
     info = rebuilt.report.calibration
     assert info["fit"] == "reconstruct" and info["kept_sweeps"] == 1 and len(info["calibrated"]) == 3
     # Each site's own conv/linear is refitted with it, and every site got closer to the original's output.
