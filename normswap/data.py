@@ -53,11 +53,15 @@ class Batch(tuple):  # type: ignore[type-arg]
 
 
 def call_model(model: nn.Module, batch: Sequence[torch.Tensor]) -> Any:
-    """``model`` on one batch: ``model(**inputs)`` for keyword inputs, ``model(*inputs)`` otherwise."""
+    """``model``'s answer to one batch, as validation, calibration and recovery compare it: the model
+    is called with ``model(**inputs)`` for keyword inputs, ``model(*inputs)`` otherwise; of a Hugging
+    Face ``ModelOutput`` that has logits only the logits count (its loss, computed when the batch
+    holds labels, and its hidden states are not what the original answers); any other output counts
+    tensor by tensor."""
     names = getattr(batch, "names", ())
-    if names:
-        return model(**dict(zip(names, batch, strict=True)))
-    return model(*batch)
+    output = model(**dict(zip(names, batch, strict=True))) if names else model(*batch)
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else output
 
 
 @dataclass(frozen=True)

@@ -92,17 +92,9 @@ def _learning_rate(lr: float | None, plan: Plan | None) -> tuple[float, str]:
     return DEFAULT_LR, "default"
 
 
-def _compared(output: Any) -> Any:
-    """What distillation matches: a Hugging Face ``ModelOutput``'s logits where it has them (its loss
-    and hidden states are not what the original answers), else every tensor of the output."""
-    logits = getattr(output, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else output
-
-
 def _distillation_loss(teacher: Any, student: Any, temperature: float) -> torch.Tensor:
     losses = []
-    pairs = zip(output_leaves(_compared(teacher)), output_leaves(_compared(student)), strict=True)
-    for (_, t), (_, s) in pairs:
+    for (_, t), (_, s) in zip(output_leaves(teacher), output_leaves(student), strict=True):
         if t.ndim == 2 and t.shape[1] > 1:
             log_p = F.log_softmax(t.float() / temperature, dim=1)
             log_q = F.log_softmax(s.float() / temperature, dim=1)

@@ -122,3 +122,74 @@ def test_lightning_finalizes_at_the_end_into_a_plain_conversion(tmp_path):
         pl.Trainer(callbacks=[normswap.TransitionCallback(transition)], accelerator="cpu", logger=False,
                    enable_progress_bar=False, max_steps=1).fit(Module(transition.model),
                                                                DataLoader(labelled(), batch_size=2))
+
+
+# ------------------------------------------------------------------ Hugging Face
+
+def tiny_hf_resnet():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       num_labels=3)
+    return transformers.ResNetForImageClassification(config).eval()
+
+
+class _Pictures(torch.utils.data.Dataset):
+    """What a Hugging Face image pipeline yields: dicts of keyword inputs and labels."""
+
+    def __init__(self, samples: int = 16) -> None:
+        generator = torch.Generator().manual_seed(2)
+        self.x = torch.randn(samples, 3, 16, 16, generator=generator)
+        self.y = torch.randint(0, 3, (samples,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def _hf_run(tmp_path, max_steps: int, resume: str | None = None):
+    transformers = pytest.importorskip("transformers")
+    from normswap.integrations.huggingface import TransitionCallback
+
+    seen: list[float] = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(blend_alphas(transition.model)[0])
+
+    transition = normswap.progressive(tiny_hf_resnet(), "small-batch", steps=12,
+                                      example_inputs=torch.randn(2, 3, 16, 16))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=max_steps, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, learning_rate=1e-3, save_strategy="steps", save_steps=4, use_cpu=True,
+        report_to=[], disable_tqdm=True, logging_strategy="no", seed=0, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=transition.model, args=args, train_dataset=_Pictures(),
+                                   callbacks=[TransitionCallback(transition, finalize_at_end=False), Record()])
+    trainer.train(resume_from_checkpoint=resume)
+    return transition, seen
+
+
+def test_hugging_face_trainer_steps_the_transition_per_optimizer_step_and_resumes_it(tmp_path):
+    whole, whole_seen = _hf_run(tmp_path / "whole", max_steps=8)
+    assert whole.taken == 8 and whole_seen == [pytest.approx(i / 12) for i in range(8)]
+    _hf_run(tmp_path / "half", max_steps=4)
+    resumed, resumed_seen = _hf_run(tmp_path / "half", max_steps=8,
+                                    resume=str(tmp_path / "half" / "run" / "checkpoint-4"))
+    assert resumed.taken == 8 and resumed_seen == whole_seen[4:]
+    assert blend_alphas(resumed.model) == blend_alphas(whole.model)
+
+
+def test_calibrate_recover_and_validate_take_keyword_batches_of_a_hugging_face_model():
+    original = tiny_hf_resnet()
+    x, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,))
+    converted = normswap.convert(original, "small-batch", x[:2], validate=False).model
+    batches = [{"pixel_values": x[:4], "labels": labels[:4]}, {"pixel_values": x[4:], "labels": labels[4:]}]
+    before = normswap.validate(original, converted, batches, measure=False)
+    assert before.num_samples == 8 and before.headline.kl_divergence > 0  # logits compared, not the loss
+    calibrated = normswap.calibrate(original, converted, batches)
+    assert calibrated.samples == 8 and calibrated.output_error[-1] < calibrated.output_error[0]
+    result = normswap.recover(original, converted, DataLoader(_Pictures(8), batch_size=4), steps=3, batch_size=4,
+                              progress=False)
+    assert result.steps == 3 and result.final_loss < result.first_loss
