@@ -226,9 +226,11 @@ def check_out_of_place(model: nn.Module, example_shapes: tuple[tuple[int, ...], 
             if "BackwardHookFunction" not in str(exc):
                 return  # some other failure: not this check's to report
             where = _innermost_model_line(exc)
-            module = running[-1] if running else "the model's own forward"
+            path = running[-1] if running else ""
+            module = f"the forward of {path} ({qualname(probe.get_submodule(path))})" if path else \
+                f"the model's own forward ({qualname(model)})"
             raise PlanError(
-                f"{where} modifies a hooked module's output in place, inside {module}; Opacus' per-sample "
+                f"{where}, in {module}, modifies a hooked module's output in place; Opacus' per-sample "
                 f"gradients fail on it (Output of BackwardHookFunction modified inplace). {qualname(model)} does "
                 f"not trace with torch.fx, so normswap cannot rewrite it: make that line out-of-place "
                 f"(e.g. x = x + y for x += y)."

@@ -193,3 +193,132 @@ def test_calibrate_recover_and_validate_take_keyword_batches_of_a_hugging_face_m
     result = normswap.recover(original, converted, DataLoader(_Pictures(8), batch_size=4), steps=3, batch_size=4,
                               progress=False)
     assert result.steps == 3 and result.final_loss < result.first_loss
+
+
+# ------------------------------------------------------------------ Opacus
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_opacus_trains_a_timm_model_converted_with_dp_as_it_comes(name):
+    pytest.importorskip("opacus")
+    import timm
+    from opacus import PrivacyEngine
+    from opacus.validators import ModuleValidator
+
+    torch.manual_seed(0)
+    conversion = normswap.convert(timm.create_model(name, num_classes=4), "dp", torch.randn(2, 3, 32, 32),
+                                  validate=False)
+    model = conversion.model.train()
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not [p for p, m in model.named_modules() if getattr(m, "inplace", False)]
+    rewritten = [w for w in conversion.report.warnings if "rewritten" in w]
+    if name == "resnet18":  # timm ResNet's `x += shortcut` after each block's last norm
+        assert rewritten and rewritten[0].count("`x += shortcut` on the output of layer") == 8
+    else:
+        assert not rewritten and not isinstance(model, torch.fx.GraphModule)
+    generator = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32, generator=generator),
+                                    torch.randint(0, 4, (8,), generator=generator)), batch_size=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    private, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    for step, (x, y) in zip(range(2), loader, strict=False):
+        optimizer.zero_grad()
+        F.cross_entropy(private(x), y).backward()
+        assert all(p.grad_sample is not None for p in model.parameters() if p.requires_grad and len(y)), step
+        optimizer.step()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:  # data-dependent: torch.fx cannot trace this
+            y = self.norm(self.conv(x))
+            y += 1
+            return y
+        return x
+
+
+class _InPlaceMethod(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x))
+        y.mul_(2)
+        return self.head(y.mean((2, 3)))
+
+
+def test_dp_rewrites_an_in_place_method_and_names_the_line_where_the_model_does_not_trace():
+    model = _InPlaceMethod().eval()
+    conversion = normswap.convert(model, "dp", torch.randn(2, 3, 8, 8), validate=False)
+    assert any("mul_ on the output of norm → mul" in w for w in conversion.report.warnings)
+    x = torch.randn(2, 3, 8, 8)
+    hooked = conversion.model.train()
+    for module in hooked.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.register_full_backward_hook(lambda *_: None)
+    hooked(x).sum().backward()  # what failed before the rewrite
+    with pytest.raises(normswap.PlanError, match=r"test_pipelines.py:\d+ `y \+= 1`, in the model's own forward \(.*_Untraceable\)"):
+        normswap.convert(_Untraceable().eval(), "dp", torch.randn(2, 3, 8, 8), validate=False)
+
+
+# ------------------------------------------------------------------ reproducible recovery
+
+def _dropout_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def _noisy(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """An augmentation that draws from Python's, numpy's and torch's global generators."""
+    import random
+
+    import numpy as np
+
+    scale = random.uniform(0.9, 1.1) * float(np.random.uniform(0.9, 1.1))
+    return batch * scale + 0.1 * torch.randn_like(batch)
+
+
+def test_recovery_resumed_from_its_checkpoint_equals_an_uninterrupted_run_with_dropout(tmp_path):
+    original, x = _dropout_cnn(), torch.randn(32, 3, 8, 8)
+
+    def run(directory, callback=None):
+        converted = normswap.convert(original, "small-batch", x[:2], validate=False).model
+        normswap.recover(original, converted, x, steps=8, batch_size=8, lr=1e-2, progress=False, augment=_noisy,
+                         checkpoint_dir=directory, checkpoint_every=2, callback=callback)
+        return converted.state_dict()
+
+    def seed(value: int) -> None:
+        import random
+
+        import numpy as np
+
+        random.seed(value)
+        np.random.seed(value)
+        torch.manual_seed(value)
+
+    seed(5)
+    whole = run(tmp_path / "whole")
+
+    def stop(step, _loss):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    seed(5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop)
+    seed(99)  # whatever ran in between moved every generator
+    resumed = run(tmp_path / "cut")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), "bit for bit"
+    saved = torch.load(tmp_path / "cut" / "recover-checkpoint.pt", weights_only=True)
+    assert saved["step"] == 8 and set(saved["random_states"][0]) >= {"python", "numpy", "torch", "sampler"}
