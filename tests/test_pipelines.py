@@ -25,7 +25,8 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
 
 def labelled(samples: int = 16, seed: int = 1) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(samples, 3, 8, 8, generator=generator), torch.randint(0, 4, (samples,), generator=generator))
+    return TensorDataset(torch.randn(samples, 3, 8, 8, generator=generator),
+                         torch.randint(0, 4, (samples,), generator=generator))
 
 
 def blend_alphas(model: nn.Module) -> list[float]:
@@ -264,7 +265,8 @@ def test_dp_rewrites_an_in_place_method_and_names_the_line_where_the_model_does_
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             module.register_full_backward_hook(lambda *_: None)
     hooked(x).sum().backward()  # what failed before the rewrite
-    with pytest.raises(normswap.PlanError, match=r"test_pipelines.py:\d+ `y \+= 1`, in the model's own forward \(.*_Untraceable\)"):
+    named = r"test_pipelines.py:\d+ `y \+= 1`, in the model's own forward \(.*_Untraceable\)"
+    with pytest.raises(normswap.PlanError, match=named):
         normswap.convert(_Untraceable().eval(), "dp", torch.randn(2, 3, 8, 8), validate=False)
 
 
@@ -322,3 +324,81 @@ def test_recovery_resumed_from_its_checkpoint_equals_an_uninterrupted_run_with_d
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), "bit for bit"
     saved = torch.load(tmp_path / "cut" / "recover-checkpoint.pt", weights_only=True)
     assert saved["step"] == 8 and set(saved["random_states"][0]) >= {"python", "numpy", "torch", "sampler"}
+
+
+# ------------------------------------------------------------------ the data rule
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = tiny_cnn(1), tiny_cnn(2)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return self.a(left) + self.b(right)
+
+
+def test_every_accepted_data_form_gives_the_same_samples_to_calibrate_recover_and_validate(tmp_path):
+    model = tiny_cnn()
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 4, (12,))
+    torch.save(x, tmp_path / "x.pt")
+    forms = {
+        "tensor": x,
+        "list of tensors": [x[:4], x[4:8], x[8:]],
+        "tuple (input, target)": (x, y),
+        "list of (input, target)": [(x[:6], y[:6]), (x[6:], y[6:])],
+        "list of [input, target]": [[x[:6], y[:6]], [x[6:], y[6:]]],
+        "DataLoader": DataLoader(TensorDataset(x, y), batch_size=5),
+        "generator": (b for b in (x[:7], x[7:])),
+        "dict": {"input": x},
+        "list of dicts": [{"input": x[:6]}, {"input": x[6:]}],
+        "(dict, target)": ({"input": x}, y),
+        "tensor file": tmp_path / "x.pt",
+    }
+    def given(name):  # a generator is read once: a new one each time
+        return (b for b in (x[:7], x[7:])) if name == "generator" else forms[name]
+
+    def fresh():
+        return normswap.convert(model, "small-batch", x[:2], validate=False).model
+
+    converted = fresh()
+    calibrated = normswap.calibrate(model, converted, x)
+    for name in forms:
+        inputs = normswap.load_inputs(model, given(name), batch_size=4)
+        assert torch.equal(inputs.joined()[0], x) and len(inputs.batches) == 3, name
+        assert normswap.calibrate(model, fresh(), given(name)).output_error == calibrated.output_error, name
+    for name in ("list of tensors", "tuple (input, target)", "list of dicts", "DataLoader"):
+        assert normswap.validate(model, converted, forms[name], measure=False).num_samples == 12, name
+        assert normswap.recover(model, fresh(), forms[name], steps=1, batch_size=4, progress=False).steps == 1
+
+
+def test_a_tuple_is_one_call_of_as_many_inputs_as_the_forward_takes():
+    model = _TwoInputs().eval()
+    a, b, y = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8), torch.arange(6)
+    inputs = normswap.load_inputs(model, (a, b, y), batch_size=4)  # two inputs, then the target
+    assert len(inputs.first) == 2 and torch.equal(inputs.joined()[1], b)
+    batches = normswap.load_inputs(model, [(a[:3], b[:3], y[:3]), (a[3:], b[3:], y[3:])], batch_size=6)
+    assert torch.equal(batches.joined()[0], a) and len(batches.batches) == 1
+    with pytest.raises(normswap.DataError, match="_TwoInputs's positional inputs \\(2 required"):
+        normswap.load_inputs(model, (a,))
+
+
+def test_ambiguous_or_wrong_data_fails_with_what_to_do_instead():
+    model, x = tiny_cnn(), torch.randn(8, 3, 8, 8)
+    failures = {
+        "several batches given as a tuple": ((x[:4], x[4:]), "For several batches give a list"),
+        "one (input, target) batch given as a list": ([x, torch.arange(8)], "not floating point"),
+        "a keyword the forward does not take": ({"image": x}, "takes no 'image'"),
+        "a target of another length": ([(x[:4], torch.arange(3))], None),
+        "batches of different shapes": ([x, x[:, :, :4]], "different shapes"),
+        "nothing": ([], "empty"),
+        "a number": (3, "got int"),
+    }
+    for name, (data, message) in failures.items():
+        if message is None:
+            assert name == "a target of another length"  # a (input, target) batch whose target length differs: the target is not read
+            assert normswap.load_inputs(model, data).num_samples == 4
+            continue
+        with pytest.raises(normswap.DataError, match=message):
+            normswap.load_inputs(model, data)
+        with pytest.raises(normswap.DataError, match=message):
+            normswap.calibrate(model, model, data)
