@@ -42,7 +42,7 @@ def main(samples: int = 64, size: int = 64, batch_size: int = 8, accumulate: int
     trainer = pl.Trainer(max_epochs=epochs, accumulate_grad_batches=accumulate, accelerator="cpu", logger=False,
                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                          callbacks=[TransitionCallback(transition)])
-    trainer.fit(Classifier(transition.model), DataLoader(data, batch_size=batch_size))
+    trainer.fit(Classifier(transition.model.train()), DataLoader(data, batch_size=batch_size))
     print(f"{trainer.global_step} optimizer steps; transition {transition.taken}/{transition.steps} steps, "
           f"finalized: {transition.finalized}")
     return transition

@@ -162,15 +162,18 @@ def recover(
 ) -> RecoveryResult:
     """Fine-tune ``converted`` (in place) to reproduce ``original`` on ``data`` for ``steps`` steps.
 
-    ``data``: a tensor, image folder, tensor file or DataLoader (see :func:`normswap.load_inputs`),
-    held in memory and sampled from. Batches go to the converted model's device.
+    ``data``: anything :func:`normswap.load_inputs` takes (a tensor, a list or DataLoader of batches,
+    dicts of keyword inputs, an image folder, a tensor file: docs/data-inputs.md), held in memory and
+    sampled from, every input of a sample together. Batches go to the converted model's device.
     ``augment(batch, generator)`` transforms each batch before both models see it (the same views for
     teacher and student, e.g. :class:`ImageAugment`): with few samples, matching the original on ever
     new views is what keeps recovery from memorising them.
     ``lr``: the peak learning rate; unset, the ``[recovery] lr`` of the recipe ``plan`` came from, else
     1e-4. ``warmup_steps`` raises it linearly over the first steps, then cosine decay runs over the rest.
     ``callback(step, loss)`` runs after every step (evaluate, log, stop by raising). With
-    ``checkpoint_dir`` the run saves its state every ``checkpoint_every`` steps and resumes from it.
+    ``checkpoint_dir`` the run saves its state every ``checkpoint_every`` steps, random states of
+    every rank included, and resumes from it: bit for bit the run it would have been, Dropout and
+    augmentations drawing from Python's, numpy's or torch's generators included.
     ``holdout`` (a fraction of ``data``, held back from training, or other data) is judged every
     ``eval_every`` steps and the model ends in the best state seen, the start included.
     The converted model is left in the mode it came in; the original is not changed.
@@ -396,10 +399,8 @@ def random_states(generator: torch.Generator) -> dict[str, Any]:
                               "sampler": generator.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:
-        return states
+    import numpy as np
+
     kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     states["numpy"] = {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "gauss": float(gauss)}

@@ -260,6 +260,12 @@ def test_dp_rewrites_an_in_place_method_and_names_the_line_where_the_model_does_
     conversion = normswap.convert(model, "dp", torch.randn(2, 3, 8, 8), validate=False)
     assert any("mul_ on the output of norm → mul" in w for w in conversion.report.warnings)
     x = torch.randn(2, 3, 8, 8)
+    import dataclasses
+
+    eager = normswap.apply_plan(model, dataclasses.replace(conversion.plan, ensure=()))  # not rewritten
+    assert not isinstance(eager, torch.fx.GraphModule)
+    with torch.no_grad():
+        assert torch.equal(conversion.model(x), eager(x)), "the rewrite computes what the forward did"
     hooked = conversion.model.train()
     for module in hooked.modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
@@ -401,3 +407,10 @@ def test_ambiguous_or_wrong_data_fails_with_what_to_do_instead():
             normswap.load_inputs(model, data)
         with pytest.raises(normswap.DataError, match=message):
             normswap.calibrate(model, model, data)
+
+
+def test_dp_names_the_in_place_line_of_a_hugging_face_model_that_does_not_trace():
+    model = tiny_hf_resnet()
+    with pytest.raises(normswap.PlanError, match=r"modeling_resnet.py:\d+ `hidden_state \+= residual`, in the "
+                                                 r"forward of resnet.encoder.stages.0.layers.0 "):
+        normswap.convert(model, "dp", torch.randn(2, 3, 16, 16), validate=False)
