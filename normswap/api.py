@@ -90,8 +90,8 @@ def convert(
     """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
 
     ``calibration`` refits the new norm layers against the original (:func:`normswap.calibrate`):
-    give data (a tensor, an image folder, a tensor file) or ``"data-free"`` to synthesise inputs from
-    the BatchNorm running statistics first; ``calibration_groups="search"`` lets it also choose each
+    give data (anything :func:`normswap.load_inputs` takes: docs/data-inputs.md) or ``"data-free"`` to
+    synthesise inputs from the BatchNorm running statistics first; ``calibration_groups="search"`` lets it also choose each
     GroupNorm's group count (the returned plan records the choice); ``calibration_steps`` are the
     gradient steps per site of ``calibration_fit="reconstruct"``; ``calibration_holdout`` (a fraction of
     the calibration samples, or other data) is what calibration's never-worse check judges on. With
