@@ -91,8 +91,8 @@ def convert(
 
     ``calibration`` refits the new norm layers against the original (:func:`normswap.calibrate`):
     give data (anything :func:`normswap.load_inputs` takes: docs/data-inputs.md) or ``"data-free"`` to
-    synthesise inputs from the BatchNorm running statistics first; ``calibration_groups="search"`` lets it also choose each
-    GroupNorm's group count (the returned plan records the choice); ``calibration_steps`` are the
+    synthesise inputs from the BatchNorm running statistics first; ``calibration_groups="search"`` lets
+    it also choose each GroupNorm's group count (the returned plan records the choice); ``calibration_steps`` are the
     gradient steps per site of ``calibration_fit="reconstruct"``; ``calibration_holdout`` (a fraction of
     the calibration samples, or other data) is what calibration's never-worse check judges on. With
     ``validate`` (default) the report holds a :class:`~normswap.types.DriftReport` comparing the
