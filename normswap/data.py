@@ -144,16 +144,14 @@ def load_inputs(
         return data
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}.")
-    if data is None:
-        tensor, source, description, warnings = _synthetic(model, limit, example_shape, seed)
-        joined, names = Batch((_check_tensor(model, tensor, description),)), ()
-    elif isinstance(data, (str, Path)):
-        tensor, source, description, warnings = _from_path(model, Path(data))
-        joined, names = Batch((_check_tensor(model, tensor, description),)), ()
+    if data is None or isinstance(data, (str, Path)):
+        made = _synthetic(model, limit, example_shape, seed) if data is None else _from_path(model, Path(data))
+        tensor, source, description, warnings = made
+        joined = Batch((_check_tensor(model, tensor, description),))
     else:
         given, source, description = _given(model, data)
         joined, warnings = _join(model, given, limit, description), ()
-        names = joined.names
+    names = joined.names
     device, dtype = _reference(model)
     count = int(joined[0].shape[0]) if limit is None else min(limit, int(joined[0].shape[0]))
     moved = tuple(t[:count].to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in joined)
