@@ -84,7 +84,7 @@ def convert(
     """Plan and apply in one step. The input model is untouched unless ``inplace=True``.
 
     ``calibration`` refits the new norm layers against the original (:func:`normswap.calibrate`):
-    give data (a tensor, an image folder, a tensor file, batches) or ``"data-free"`` to synthesise
+    give data (anything :func:`normswap.load_inputs` takes: docs/data-inputs.md) or ``"data-free"`` to synthesise
     inputs from the BatchNorm running statistics first, or a :class:`~normswap.Calibration` for the
     fit, group search (the returned plan records the chosen counts), steps and hold-out. With
     ``validate`` (default) the report holds a :class:`~normswap.types.DriftReport` comparing the

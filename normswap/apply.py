@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .cloning import clone_model
 from .errors import PlanError
+from .inplace import make_out_of_place
 from .targets import get_target
 from .tracing import ModuleIndex, is_functional_batch_norm, model_state_guard, qualname, trace_graph
 from .transfer import NormState
@@ -57,6 +58,10 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
             f"the model did not trace ({plan.trace_error}); module sites were learned from forward "
             "hooks and functional batch_norm calls, if any, could not be seen."
         )
+    if "out-of-place" in plan.ensure:  # last: it traces the converted model, GraphModule or not
+        done = make_out_of_place(target_model, plan.trace == "fx", plan.example_input_shapes)
+        target_model = done.model
+        warnings += done.warnings()
     left = check_result(target_model, plan)
     return Applied(target_model, staged.records, warnings, left)
 

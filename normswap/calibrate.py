@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .data import InputSet, held_back, load_inputs, model_input_size
+from .data import InputSet, call_model, held_back, load_inputs, model_input_size
 from .distributed import average_gradients, distributed, sum_over_ranks, total, world
 from .drift import output_error
 from .errors import DataError, PlanError, unknown_name
@@ -492,7 +492,7 @@ class _Job:
 
     def references(self) -> list[Any]:
         """The original's outputs on the judging samples, which every judgement compares against."""
-        return [self.original(*batch) for batch in self.judge.batches]
+        return [call_model(self.original, batch) for batch in self.judge.batches]
 
     def error(self, references: list[Any]) -> float:
         """The converted model's output error on the judging samples, as it is now."""
@@ -554,12 +554,12 @@ def _sweep(
         targets: dict[str, list[torch.Tensor]] = {}
         handles = [s.original.register_forward_pre_hook(_record_targets(s, targets)) for s in sites]
         with _hooks(handles):
-            original(*batch)
+            call_model(original, batch)
         handles = [
             s.converted.register_forward_hook(_refit(s, targets, moments, fit, candidates[s.path])) for s in sites
         ]
         with _hooks(handles):
-            converted(*batch)
+            call_model(converted, batch)
     _add_up_ranks_sums(moments, sites, candidates)
     for site in sites:
         if candidates[site.path]:
@@ -690,10 +690,7 @@ def _reconstruct(job: _Job, plan: Plan | None, steps: int, lr: float, batch_size
 
 def _joined(inputs: InputSet) -> tuple[torch.Tensor, ...]:
     """All calibration batches as one: every site is fitted on all of the data at once."""
-    batches = inputs.batches
-    if not all(isinstance(t, torch.Tensor) for batch in batches for t in batch):
-        raise DataError("fit='reconstruct' needs tensor inputs to join the batches.")
-    return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))
+    return inputs.joined()
 
 
 def _exclusive_producers(converted: nn.Module, plan: Plan | None) -> dict[str, tuple[str, nn.Module]]:
@@ -736,7 +733,7 @@ def _original_inputs(original: nn.Module, sites: list[_Site], x: tuple[torch.Ten
         return hook
 
     with _hooks([s.original.register_forward_pre_hook(keep(s.path)) for s in sites]), suppress(_Stop):
-        original(*x)
+        call_model(original, x)
     return stored
 
 
@@ -775,7 +772,7 @@ def _fit_in_order(
         entry = producer[1] if producer is not None else site.converted
         handles.append(entry.register_forward_pre_hook(fit_here(site, producer[1] if producer else None)))
     with _hooks(handles), suppress(_Stop):
-        converted(*x)
+        call_model(converted, x)
 
 
 def _fit_site(

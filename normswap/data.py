@@ -1,13 +1,28 @@
-"""Inputs for validation and calibration: image folders, tensor files, tensors, the user's own batches
-(a DataLoader), or synthetic.
+"""Inputs for validation, calibration and recovery: image folders, tensor files, tensors, the user's
+own batches (a list, a DataLoader, any iterable), or synthetic.
 
-Everything is checked before use (shape against the model's input config, dtype, NaN/Inf, empty or
-unreadable files) so bad data fails with a DataError that names the file and the problem.
+One rule says what ``data`` may be (docs/data-inputs.md), for every consumer alike:
+
+* ``None``: synthetic samples from the model's input config (validation only); a path: a folder of
+  images or a tensor file.
+* One batch: a tensor (the input), a dict (keyword inputs: ``model(**batch)``), or a tuple — the
+  model's positional inputs, then anything else (targets, …), which is left out. How many leading
+  tensors are inputs is read from the model's ``forward``: as many as it has positional parameters
+  (all of them when it takes ``*args``). A tuple whose first element is a dict is keyword inputs
+  followed by targets.
+* Several batches: a list (a list is always batches, never one call's inputs), a DataLoader or any
+  other iterable. Each batch is read by the rule above, a list batch like a tuple (DataLoaders
+  collate ``(input, target)`` samples into lists).
+
+The batches are joined and re-batched by ``batch_size``; everything is checked first (dtype, shape
+against the model's input config, NaN/Inf, empty or unreadable files, batches that do not fit
+together) so bad data fails with a DataError that names the batch and the problem.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +37,43 @@ TENSOR_SUFFIXES = (".safetensors", ".npy", ".pt", ".pth")
 DEFAULT_SYNTHETIC_SAMPLES = 8
 
 
+class Batch(tuple):  # type: ignore[type-arg]
+    """One model call's input tensors: positional, or keyword inputs named by ``names``. A tuple, so
+    ``batch[0].shape[0]`` is its number of samples either way; call the model with :func:`call_model`."""
+
+    names: tuple[str, ...]
+
+    def __new__(cls, tensors: Iterable[torch.Tensor], names: Sequence[str] = ()) -> Batch:
+        batch = super().__new__(cls, tensors)
+        batch.names = tuple(names)
+        return batch
+
+    def __getnewargs__(self) -> tuple[Any, ...]:
+        return tuple(self), self.names
+
+
+def call_model(model: nn.Module, batch: Sequence[torch.Tensor]) -> Any:
+    """``model``'s answer to one batch, as validation, calibration and recovery compare it: the model
+    is called with ``model(**inputs)`` for keyword inputs, ``model(*inputs)`` otherwise; of a Hugging
+    Face ``ModelOutput`` that has logits only the logits count (its loss, computed when the batch
+    holds labels, and its hidden states are not what the original answers); any other output counts
+    tensor by tensor."""
+    names = getattr(batch, "names", ())
+    output = model(**dict(zip(names, batch, strict=True))) if names else model(*batch)
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else output
+
+
 @dataclass(frozen=True)
 class InputSet:
-    """Validation inputs as batches, with where they came from."""
+    """Checked inputs as batches, with where they came from. ``names``: the keyword each batch's
+    tensors are passed by (empty: positional)."""
 
     batches: tuple[tuple[torch.Tensor, ...], ...]
     source: str
     description: str
     warnings: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -38,6 +82,10 @@ class InputSet:
     @property
     def first(self) -> tuple[torch.Tensor, ...]:
         return self.batches[0]
+
+    def joined(self) -> Batch:
+        """All batches as one."""
+        return Batch((torch.cat(parts) for parts in zip(*self.batches, strict=True)), self.names)
 
     def split_off(self, fraction: float, seed: int = 0) -> tuple[InputSet, InputSet]:
         """(kept, held back): ``fraction`` of the samples, drawn by a seeded permutation, held back.
@@ -48,14 +96,14 @@ class InputSet:
                             f"and at least 2 samples.")
         held = min(max(round(n * fraction), 1), n - 1)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        joined = tuple(torch.cat(parts) for parts in zip(*self.batches, strict=True))
+        joined = self.joined()
         size = int(self.batches[0][0].shape[0])
 
         def part(index: torch.Tensor, what: str) -> InputSet:
             index = index.sort().values  # the data's own order within each part
             chosen = tuple(t[index.to(t.device)] for t in joined)
-            batches = tuple(tuple(t[i : i + size] for t in chosen) for i in range(0, len(index), size))
-            return InputSet(batches, self.source, f"{what} of {self.description}", self.warnings)
+            batches = tuple(Batch((t[i : i + size] for t in chosen), self.names) for i in range(0, len(index), size))
+            return InputSet(batches, self.source, f"{what} of {self.description}", self.warnings, self.names)
 
         return part(order[held:], f"{n - held} of {n} samples"), part(order[:held], f"{held} of {n} samples")
 
@@ -82,39 +130,33 @@ def load_inputs(
     example_shape: Sequence[int] | None = None,
     seed: int = 0,
 ) -> InputSet:
-    """Turn what the user gave into checked batches on the model's device and dtype.
+    """Turn what the user gave into checked batches on the model's device and dtype (floating-point
+    inputs take the model's dtype; integer inputs such as token ids keep theirs).
 
-    ``data``: None (synthetic from the model's input config or ``example_shape``), a tensor or tuple of
-    tensors (the model's positional inputs), a folder of images (decoded and preprocessed with the
-    model's own timm data config), a tensor file (.safetensors, .npy, or .pt/.pth loaded with
-    ``weights_only=True``), or the user's batches: a DataLoader or any finite iterable whose batches
-    are an input tensor or ``(input, target, …)`` (the input is the first element). Batches are read
-    until ``limit`` samples (all of them without a limit) and re-batched by ``batch_size``.
+    ``data`` follows the module's rule: None (synthetic from the model's input config or
+    ``example_shape``), a folder of images (decoded and preprocessed with the model's own timm data
+    config), a tensor file (.safetensors, .npy, or .pt/.pth loaded with ``weights_only=True``), one
+    batch (a tensor, a dict of keyword inputs, a tuple of positional inputs then targets), or several
+    (a list, a DataLoader or any finite iterable of such batches). Batches are read until ``limit``
+    samples (all of them without a limit) and re-batched by ``batch_size``.
     """
     if isinstance(data, InputSet):
         return data
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}.")
-    if data is None:
-        tensor, source, description, warnings = _synthetic(model, limit, example_shape, seed)
-    elif isinstance(data, torch.Tensor):
-        tensor, source, description, warnings = data, "given", f"tensor {tuple(data.shape)}", ()
-    elif isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        return _given_tuple(model, tuple(data), batch_size, limit)
-    elif isinstance(data, (str, Path)):
-        tensor, source, description, warnings = _from_path(model, Path(data))
-    elif isinstance(data, Iterable) and not isinstance(data, (tuple, list, dict)):
-        tensor, source, description, warnings = _from_batches(data, limit), "batches", _batches_name(data), ()
+    if data is None or isinstance(data, (str, Path)):
+        made = _synthetic(model, limit, example_shape, seed) if data is None else _from_path(model, Path(data))
+        tensor, source, description, warnings = made
+        joined = Batch((_check_tensor(model, tensor, description),))
     else:
-        raise DataError(f"data must be a tensor, a folder of images, a tensor file or a DataLoader, got "
-                        f"{type(data).__name__}.")
-    tensor = _check_tensor(model, tensor, description)
-    if limit is not None:
-        tensor = tensor[:limit]
+        given, source, description = _given(model, data)
+        joined, warnings = _join(model, given, limit, description), ()
+    names = joined.names
     device, dtype = _reference(model)
-    tensor = tensor.to(device=device, dtype=dtype)
-    batches = tuple((chunk,) for chunk in tensor.split(batch_size))
-    return InputSet(batches, source, description, tuple(warnings))
+    count = int(joined[0].shape[0]) if limit is None else min(limit, int(joined[0].shape[0]))
+    moved = tuple(t[:count].to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in joined)
+    batches = tuple(Batch((t[i : i + batch_size] for t in moved), names) for i in range(0, count, batch_size))
+    return InputSet(batches, source, description, tuple(warnings), names)
 
 
 def held_back(original: nn.Module, inputs: InputSet, holdout: Any, batch_size: int) -> tuple[InputSet, InputSet]:
@@ -132,13 +174,154 @@ def held_back(original: nn.Module, inputs: InputSet, holdout: Any, batch_size: i
     return inputs, judge
 
 
-def _given_tuple(model: nn.Module, tensors: tuple[torch.Tensor, ...], batch_size: int, limit: int | None) -> InputSet:
-    first = _check_tensor(model, tensors[0], "given tensors")
-    n = first.shape[0] if limit is None else min(limit, first.shape[0])
-    device, dtype = _reference(model)
-    moved = tuple(t[:n].to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in tensors)
-    batches = tuple(tuple(t[i : i + batch_size] for t in moved) for i in range(0, n, batch_size))
-    return InputSet(batches, "given", f"{len(tensors)} given tensors, first {tuple(first.shape)}")
+def positional_inputs(model: nn.Module) -> tuple[int, int | None]:
+    """(required, most) positional inputs ``model.forward`` takes; most is None with ``*args``."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no readable signature: take every tensor given
+        return 0, None
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return sum(p.default is p.empty for p in positional), None
+    return sum(p.default is p.empty for p in positional), len(positional)
+
+
+def _given(model: nn.Module, data: Any) -> tuple[Iterable[tuple[str, Batch]], str, str]:
+    """The user's batches, each with where it came from, lazily (a loader is read only as far as
+    ``limit`` asks), and what they are."""
+    if isinstance(data, (torch.Tensor, Mapping, tuple)):
+        batch = _batch(model, data, "data")
+        if isinstance(data, tuple) and not batch.names:
+            _refuse_dropped_inputs(data, len(batch))
+        return iter([("data", batch)]), "given", _describe(data)
+    if isinstance(data, list):
+        where = "batch {} of the given list".format
+        return ((where(i), _batch(model, b, where(i))) for i, b in enumerate(data)), "given", \
+            f"{len(data)} given batches"
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        where = "batch {} of the given batches".format
+        return ((where(i), _batch(model, b, where(i))) for i, b in enumerate(data)), "batches", \
+            _batches_name(data)
+    raise DataError(f"data must be a tensor, a dict of keyword inputs, a tuple (inputs, targets…), a list or "
+                    f"DataLoader of batches, a folder of images or a tensor file; got {type(data).__name__}.")
+
+
+def _refuse_dropped_inputs(data: tuple[Any, ...], taken: int) -> None:
+    """A tuple of tensors is one batch, inputs then targets; if what would be dropped as targets is
+    shaped like the input, the tuple may as well be several batches: that cannot be told apart."""
+    first = data[0]
+    alike = [i for i, t in enumerate(data[taken:], taken) if isinstance(t, torch.Tensor)
+             and t.shape[1:] == first.shape[1:] and t.dtype == first.dtype]
+    if alike:
+        raise DataError(
+            f"data is a tuple of {len(data)} tensors; a tuple is one batch, the model's {taken} positional "
+            f"input(s) then targets, but tensor(s) {alike} are shaped like the input {tuple(first.shape)} and "
+            f"would be dropped as targets. For several batches give a list [batch, batch, …]; for one "
+            f"(input, target) batch whose target looks like an input, give it as a list of one: [(input, target)]."
+        )
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"keyword inputs {', '.join(map(str, batch))}"
+    first = next((t for t in batch if isinstance(t, torch.Tensor)), None)
+    return f"{len(batch)} given tensors" + (f", first {tuple(first.shape)}" if first is not None else "")
+
+
+def _batch(model: nn.Module, batch: Any, where: str) -> Batch:
+    """One batch by the rule: the model's inputs, targets left out."""
+    if isinstance(batch, torch.Tensor):
+        return Batch((batch,))
+    if isinstance(batch, Mapping):
+        return _keyword_batch(model, batch, where)
+    if isinstance(batch, (tuple, list)) and batch:
+        if isinstance(batch[0], Mapping):  # (keyword inputs, targets…)
+            return _keyword_batch(model, batch[0], where)
+        required, most = positional_inputs(model)
+        take = len(batch) if most is None else min(len(batch), most)
+        inputs = batch[:take]
+        if not all(isinstance(t, torch.Tensor) for t in inputs) or take < max(required, 1):
+            kinds = ", ".join(type(t).__name__ for t in batch[:4]) + (", …" if len(batch) > 4 else "")
+            raise DataError(
+                f"{where} is a {type(batch).__name__} of ({kinds}); a tuple or list batch holds "
+                f"{type(model).__name__}'s positional inputs ({required} required, "
+                f"{'any number' if most is None else f'at most {most}'}) as tensors, then targets. "
+                f"Several batches go in a list, keyword inputs in a dict."
+            )
+        return Batch(inputs)
+    raise DataError(f"{where} is a {type(batch).__name__}; each batch must be an input tensor, a dict of keyword "
+                    f"inputs, or (input, target, …) with the input tensor first.")
+
+
+def _keyword_batch(model: nn.Module, batch: Mapping[Any, Any], where: str) -> Batch:
+    bad = [str(k) for k, v in batch.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad or not batch:
+        raise DataError(f"{where} is a dict of keyword inputs, so every key must be a name and every value a "
+                        f"tensor; {', '.join(bad) if bad else 'it is empty'} is not. Drop what the model's "
+                        f"forward does not take (the dict is passed as model(**batch)).")
+    taken = keyword_inputs(model)
+    if taken is not None and (unknown := [k for k in batch if k not in taken]):
+        raise DataError(f"{where} is a dict of keyword inputs, but {type(model).__name__}.forward takes no "
+                        f"{', '.join(map(repr, unknown))} (it takes {', '.join(taken) or 'no keywords'}); "
+                        f"an input tensor or (input, target, …) batch is passed positionally instead.")
+    return Batch(batch.values(), tuple(batch))
+
+
+def keyword_inputs(model: nn.Module) -> tuple[str, ...] | None:
+    """The names ``model.forward`` takes by keyword; None when it takes any (``**kwargs``) or has no
+    readable signature."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return None
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _join(model: nn.Module, batches: Iterable[tuple[str, Batch]], limit: int | None, description: str) -> Batch:
+    """The batches as one, read up to ``limit`` samples, checked to fit together."""
+    parts: list[Batch] = []
+    count = 0
+    for where, batch in batches:
+        _check_batch(model, batch, where)
+        if parts and (batch.names != parts[0].names or len(batch) != len(parts[0])):
+            raise DataError(f"{where} has inputs {batch.names or len(batch)}, the first batch "
+                            f"{parts[0].names or len(parts[0])}; every batch must give the same inputs.")
+        shapes = sorted({tuple(t.shape[1:]) for b in (parts[0], batch) for t in b[:1]}) if parts else []
+        if len(shapes) > 1:
+            raise DataError(f"the given batches have inputs of different shapes {shapes}; resize or pad them to "
+                            f"one shape (calibration and recovery join the batches).")
+        parts.append(batch)
+        count += int(batch[0].shape[0])
+        if limit is not None and count >= limit:
+            break
+    if not parts:
+        raise DataError(f"{description}: the given batches are empty, no batch was given.")
+    try:
+        return Batch((torch.cat([p[i].detach() for p in parts]) for i in range(len(parts[0]))), parts[0].names)
+    except RuntimeError as exc:
+        raise DataError(f"the given batches do not join ({str(exc).splitlines()[0]}); every input must have "
+                        f"the same shape past the batch dimension in every batch (pad sequences to one "
+                        f"length).") from exc
+
+
+def _check_batch(model: nn.Module, batch: Batch, where: str) -> None:
+    sizes = {int(t.shape[0]) if t.ndim else 0 for t in batch}
+    if 0 in sizes or not batch:
+        raise DataError(f"{where}: an input has no samples along the first (batch) dimension "
+                        f"(shapes {[tuple(t.shape) for t in batch]}).")
+    if len(sizes) > 1:
+        raise DataError(f"{where}: its inputs have different batch sizes {sorted(sizes)} (shapes "
+                        f"{[tuple(t.shape) for t in batch]}); one call's inputs share the first dimension. "
+                        f"Several batches go in a list.")
+    if not batch.names:
+        _check_tensor(model, batch[0], where)
+    for name, tensor in zip(batch.names or range(len(batch)), batch, strict=True):
+        if tensor.is_floating_point() and (bad := int((~torch.isfinite(tensor)).sum())):
+            raise DataError(f"{where}: input {name} has {bad} NaN/Inf values; clean the data first.")
 
 
 def _synthetic(
@@ -158,29 +341,6 @@ def _synthetic(
         "samples with --data (a folder of images or a tensor file) for figures that matter."
     )
     return tensor, "synthetic", f"{n} synthetic samples of shape {size}", (warning,)
-
-
-def _from_batches(batches: Iterable[Any], limit: int | None) -> torch.Tensor:
-    """The inputs of a loader's batches, concatenated, up to ``limit`` samples."""
-    inputs, count = [], 0
-    for index, batch in enumerate(batches):
-        first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-        if not isinstance(first, torch.Tensor) or first.ndim == 0:
-            raise DataError(
-                f"batch {index} of the given batches is a {type(batch).__name__}; each batch must be an input "
-                f"tensor or (input, target, …) with the input tensor first."
-            )
-        inputs.append(first.detach().cpu())
-        count += int(first.shape[0])
-        if limit is not None and count >= limit:
-            break
-    if not inputs:
-        raise DataError("the given batches are empty: the loader yielded no batch.")
-    shapes = {tuple(t.shape[1:]) for t in inputs}
-    if len(shapes) > 1:
-        raise DataError(f"the given batches have inputs of different shapes {sorted(shapes)}; resize them to one "
-                        f"shape (calibration and recovery join the batches).")
-    return torch.cat(inputs)
 
 
 def _batches_name(batches: Iterable[Any]) -> str:

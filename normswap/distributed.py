@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,3 +83,12 @@ def average_gradients(params: list[torch.Tensor]) -> None:
     for p, g in zip(params, grads, strict=True):
         p.grad = mean[offset: offset + g.numel()].view_as(g).to(g.dtype)
         offset += g.numel()
+
+
+def gathered(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank; ``[value]`` alone."""
+    if not distributed():
+        return [value]
+    values: list[Any] = [None] * world()[1]
+    dist.all_gather_object(values, value)
+    return values

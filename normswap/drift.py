@@ -23,7 +23,7 @@ from torch import nn
 
 from .cloning import clone_model
 from .checks import batch_dependence, count_parameters, first_tensor
-from .data import InputSet, load_inputs
+from .data import InputSet, call_model, load_inputs
 from .distributed import mean_over_ranks
 from .errors import DataError, NormswapError
 from .progress import progress_bar
@@ -129,7 +129,7 @@ def output_error(converted: nn.Module, batches: list[Any], references: list[Any]
     recovery that decide by it then decide alike on every rank."""
     terms = []
     for batch, reference in zip(batches, references, strict=True):
-        output = converted(*batch)
+        output = call_model(converted, batch)
         for (_, ref), (_, out) in zip(output_leaves(reference), output_leaves(output), strict=True):
             ref, out = ref.float(), out.float()
             if ref.ndim == 2 and ref.shape[1] > 1:
@@ -221,7 +221,7 @@ class _SiteStreams:
 
 def _run_original(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
     try:
-        return model(*inputs)
+        return call_model(model, inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise DataError(
@@ -246,7 +246,7 @@ class _DriftRun:
             with _hooks(self._original_hooks(group, stored)):
                 ref = _run_original(self.original, inputs)
             with _hooks(self._converted_hooks(group, stored, local=index == 0)):
-                new = self.converted(*inputs)
+                new = call_model(self.converted, inputs)
             if index == 0:
                 self._compare_outputs(ref, new)
 
@@ -336,11 +336,11 @@ class _DriftRun:
 
 def measure_latency(model: nn.Module, inputs: tuple[torch.Tensor, ...], repeats: int) -> float:
     with torch.no_grad():
-        model(*inputs)
+        call_model(model, inputs)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            model(*inputs)
+            call_model(model, inputs)
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -354,13 +354,13 @@ def peak_forward_memory(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> i
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            model(*inputs)
+            call_model(model, inputs)
             torch.cuda.synchronize(device)
             return int(torch.cuda.max_memory_allocated(device) - base)
         from torch.profiler import ProfilerActivity, profile
 
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(*inputs)
+            call_model(model, inputs)
     records = []
     for event in prof.events():
         usage = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
@@ -397,10 +397,10 @@ def train_eval_gap(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float 
     probe = clone_model(model)
     with torch.no_grad():
         try:
-            train = first_tensor(probe.train()(*inputs)).double()
+            train = first_tensor(call_model(probe.train(), inputs)).double()
         except Exception:  # BatchNorm cannot train on one value per channel: the gap is undefined
             return None
-        evaluated = first_tensor(probe.eval()(*inputs)).double()
+        evaluated = first_tensor(call_model(probe.eval(), inputs)).double()
     return float((train - evaluated).norm() / evaluated.norm().clamp_min(1e-12))
 
 

@@ -11,6 +11,7 @@ leaves the plain target modules.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +76,11 @@ def _frozen_from(state: NormState) -> FrozenBatchNorm:
 
 @dataclass
 class Transition:
-    """Drives the blend. Call :meth:`step` once per optimisation step (or use
-    :class:`TransitionCallback`), then :meth:`finalize`."""
+    """Drives the blend. Call :meth:`step` once per optimisation step (or let a callback do it:
+    :class:`TransitionCallback` in a plain loop, ``normswap.integrations.lightning.TransitionCallback``
+    in Lightning, ``normswap.integrations.huggingface.TransitionCallback`` in a Hugging Face
+    ``Trainer``), then :meth:`finalize`. :meth:`state_dict` / :meth:`load_state_dict` carry its
+    progress through a checkpoint."""
 
     model: nn.Module
     plan: Plan
@@ -85,6 +89,7 @@ class Transition:
     paths: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)
     taken: int = 0
+    finalized: bool = False
 
     @property
     def alpha(self) -> float:
@@ -92,13 +97,36 @@ class Transition:
         return progress if self.schedule == "linear" else 0.5 - 0.5 * math.cos(math.pi * progress)
 
     def step(self, n: int = 1) -> float:
-        self.taken = min(self.taken + n, self.steps)
+        return self.step_to(self.taken + n)
+
+    def step_to(self, taken: int) -> float:
+        """Set how many steps have been taken (clipped to ``[0, steps]``), for trainers that count
+        optimizer steps themselves; returns α."""
+        self.taken = min(max(taken, 0), self.steps)
+        self._set_alpha()
+        return self.alpha
+
+    def _set_alpha(self) -> None:
         for module in self._blends():
             module.alpha.fill_(self.alpha)
-        return self.alpha
 
     def _blends(self) -> list[ProgressiveNorm]:
         return [m for m in self.model.modules() if isinstance(m, ProgressiveNorm)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The transition's progress (the model's weights are the model's own state dict)."""
+        return {"taken": self.taken, "steps": self.steps, "schedule": self.schedule, "finalized": self.finalized}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Go on from a saved :meth:`state_dict`: same schedule and length, or a PlanError."""
+        saved = (int(state["steps"]), str(state["schedule"]))
+        if saved != (self.steps, self.schedule):
+            raise PlanError(f"the saved transition ran {saved[0]} steps on a {saved[1]!r} schedule, this one "
+                            f"{self.steps} on {self.schedule!r}; resume with progressive(..., steps={saved[0]}, "
+                            f"schedule={saved[1]!r}).")
+        self.step_to(int(state["taken"]))
+        if state.get("finalized") and not self.finalized:
+            self.finalize()
 
     def finalize(self) -> nn.Module:
         """Replace every blend by its target module (activation re-attached); returns the model."""
@@ -115,12 +143,16 @@ class Transition:
                     target = nn.Sequential(target, blend.drop, blend.act)
             _swap_module(self.model, path, target, aliases)
         self.taken = self.steps
+        self.finalized = True
         return self.model
 
 
 class TransitionCallback:
-    """Lightning-style callback: advances the transition after every training batch and finalizes
-    at the end of training. Works with any trainer that calls these hook names."""
+    """Callback for a plain training loop: call :meth:`on_train_batch_end` after every optimizer step
+    and :meth:`on_train_end` at the end (it finalizes when ``finalize_at_end``). Lightning and Hugging
+    Face trainers get their own, which count optimizer steps and checkpoint the transition:
+    ``normswap.integrations.lightning.TransitionCallback`` and
+    ``normswap.integrations.huggingface.TransitionCallback``."""
 
     def __init__(self, transition: Transition, finalize_at_end: bool = True) -> None:
         self.transition = transition
@@ -132,6 +164,19 @@ class TransitionCallback:
     def on_train_end(self, *args: Any, **kwargs: Any) -> None:
         if self.finalize_at_end:
             self.transition.finalize()
+
+    # Checkpoint ``transition.state_dict()`` with the rest of the loop's state.
+
+    def __getattr__(self, name: str) -> Any:
+        # A trainer asking for a hook or attribute this class lacks (Lightning's setup or state_key,
+        # Hugging Face's on_init_end) gets told which callback it needs, not an AttributeError that the
+        # trainer's own error handling then hides.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise PlanError(f"normswap.TransitionCallback has no {name!r}: it is for plain training loops. In a "
+                        f"Lightning Trainer use normswap.integrations.lightning.TransitionCallback(transition), "
+                        f"in a Hugging Face Trainer normswap.integrations.huggingface.TransitionCallback"
+                        f"(transition): they step per optimizer step and resume with the run.")
 
 
 def progressive(

@@ -34,7 +34,8 @@ from .types import LAYOUTS, PURPOSES, TASKS, Facts, RecoveryDefaults, Site
 
 KEEP = "keep"
 ERROR = "error"
-ENSURES = ("no-batchnorm", "no-running-stats")
+# out-of-place: no in-place op on an output Opacus hooks (see normswap.inplace), so DP-SGD trains as-is.
+ENSURES = ("no-batchnorm", "no-running-stats", "out-of-place")
 KINDS = ("module", "functional")
 
 

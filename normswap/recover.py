@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import InputSet, held_back, load_inputs
+from .data import Batch, InputSet, call_model, held_back, load_inputs
+from .distributed import gathered
 from .distributed import world as world_of_ranks
 from .drift import output_error, output_leaves
 from .errors import DataError, PlanError
@@ -161,15 +162,18 @@ def recover(
 ) -> RecoveryResult:
     """Fine-tune ``converted`` (in place) to reproduce ``original`` on ``data`` for ``steps`` steps.
 
-    ``data``: a tensor, image folder, tensor file or DataLoader (see :func:`normswap.load_inputs`),
-    held in memory and sampled from. Batches go to the converted model's device.
+    ``data``: anything :func:`normswap.load_inputs` takes (a tensor, a list or DataLoader of batches,
+    dicts of keyword inputs, an image folder, a tensor file: docs/data-inputs.md), held in memory and
+    sampled from, every input of a sample together. Batches go to the converted model's device.
     ``augment(batch, generator)`` transforms each batch before both models see it (the same views for
     teacher and student, e.g. :class:`ImageAugment`): with few samples, matching the original on ever
     new views is what keeps recovery from memorising them.
     ``lr``: the peak learning rate; unset, the ``[recovery] lr`` of the recipe ``plan`` came from, else
     1e-4. ``warmup_steps`` raises it linearly over the first steps, then cosine decay runs over the rest.
     ``callback(step, loss)`` runs after every step (evaluate, log, stop by raising). With
-    ``checkpoint_dir`` the run saves its state every ``checkpoint_every`` steps and resumes from it.
+    ``checkpoint_dir`` the run saves its state every ``checkpoint_every`` steps, random states of
+    every rank included, and resumes from it: bit for bit the run it would have been, Dropout and
+    augmentations drawing from Python's, numpy's or torch's generators included.
     ``holdout`` (a fraction of ``data``, held back from training, or other data) is judged every
     ``eval_every`` steps and the model ends in the best state seen, the start included.
     The converted model is left in the mode it came in; the original is not changed.
@@ -186,7 +190,7 @@ def recover(
     if not 0 <= warmup_steps < steps:
         raise PlanError(f"warmup_steps must be at least 0 and below steps ({steps}), got {warmup_steps}.")
     inputs, judge = held_back(original, inputs, holdout, batch_size)
-    pool = torch.cat([b[0] for b in inputs.batches])
+    pool = inputs.joined()
     rank, world = world_of_ranks()
     student: nn.Module = converted
     if world > 1:
@@ -195,7 +199,7 @@ def recover(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps, warmup_steps))
     generator = torch.Generator().manual_seed(seed * 1000 + rank)
-    device = next((p.device for p in converted.parameters()), pool.device)
+    device = next((p.device for p in converted.parameters()), pool[0].device)
     feature_paths = [e.site.path for e in plan.conversions] if plan is not None and feature_weight > 0 else []
     was_training = converted.training
     original_modes = [(m, m.training) for m in original.modules()]
@@ -205,10 +209,10 @@ def recover(
     began = time.perf_counter()
     try:
         best = _Best(original, converted, judge) if judge is not inputs else None
-        start = _resume(checkpoint_dir, converted, optimizer, schedule, best)
+        start, restored = _resume(checkpoint_dir, converted, optimizer, schedule, best, generator, rank, world)
         if best is not None and start == 0:
             best.judge(0)
-        for _ in range(start):  # the same sample stream as an uninterrupted run
+        for _ in range(0 if restored else start):  # a checkpoint without random states: replay the draws
             _draw(pool, batch_size, generator, augment)
         with progress_bar(progress and rank == 0, steps, "recovering", start) as advance:
             for step in range(start, steps):
@@ -216,8 +220,8 @@ def recover(
                 store: dict[str, list[torch.Tensor]] = {}
                 with _feature_hooks(original, converted, feature_paths, store):
                     with torch.no_grad():
-                        teacher = original(batch)
-                    loss = _distillation_loss(teacher, student(batch), temperature)
+                        teacher = call_model(original, batch)
+                    loss = _distillation_loss(teacher, call_model(student, batch), temperature)
                     features = _feature_loss(store) if feature_paths else None
                 if features is not None:
                     loss = loss + feature_weight * features
@@ -232,8 +236,10 @@ def recover(
                 advance(f"loss {value:.4g}")
                 if best is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
                     best.judge(step + 1)
-                if checkpoint_dir is not None and rank == 0 and (step + 1) % checkpoint_every == 0:
-                    _save(checkpoint_dir, converted, optimizer, schedule, step + 1, best)
+                if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0:
+                    states = gathered(random_states(generator))  # every rank's, collected on every rank
+                    if rank == 0:
+                        _save(checkpoint_dir, converted, optimizer, schedule, step + 1, best, states)
                 if callback is not None:  # after the checkpoint, so a callback that stops loses nothing
                     callback(step + 1, value)
         if best is not None:
@@ -275,7 +281,7 @@ class _Best:
         self.converted = converted
         self.batches = list(judge.batches)
         with torch.no_grad():
-            self.references = [original(*batch) for batch in self.batches]
+            self.references = [call_model(original, batch) for batch in self.batches]
         self.errors: list[tuple[int, float]] = []
         self.step: int | None = None
         self.error = math.inf
@@ -305,20 +311,22 @@ class _Best:
 
 
 def _draw(
-    pool: torch.Tensor,
+    pool: Batch,
     batch_size: int,
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
     device: torch.device | None = None,
-) -> torch.Tensor:
-    index = torch.randint(0, pool.shape[0], (min(batch_size, pool.shape[0]),), generator=generator)
-    batch = pool[index]
+) -> Batch:
+    """A batch sampled from ``pool`` (every input alike), ``augment`` applied to its first input."""
+    size = int(pool[0].shape[0])
+    index = torch.randint(0, size, (min(batch_size, size),), generator=generator)
+    first, *rest = (t[index] for t in pool)
     if augment is None:
-        return batch.to(device) if device is not None else batch
+        return Batch((t.to(device) if device is not None else t for t in (first, *rest)), pool.names)
     if device is None:  # replaying the stream on resume: the draws matter, not the views
-        augment(batch, generator)
-        return batch
-    return augment(batch.to(device), generator)
+        augment(first, generator)
+        return Batch((first, *rest), pool.names)
+    return Batch((augment(first.to(device), generator), *(t.to(device) for t in rest)), pool.names)
 
 
 @dataclass(frozen=True)
@@ -382,10 +390,50 @@ class ImageAugment:
         return mean + factor * (views - mean)
 
 
+def random_states(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a training step may draw from: Python's, numpy's, torch's (CPU and each CUDA
+    device) and recovery's own sampling generator, in a form ``torch.load(weights_only=True)`` reads."""
+    import random
+
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                              "sampler": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    import numpy as np
+
+    kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    states["numpy"] = {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return states
+
+
+def restore_random_states(states: dict[str, Any], generator: torch.Generator) -> None:
+    """Set every random state :func:`random_states` recorded."""
+    import random
+
+    random.setstate(_as_tuples(states["python"]))
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["sampler"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        import numpy as np
+
+        saved = states["numpy"]
+        np.random.set_state((saved["kind"], saved["key"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["gauss"]))
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate wants the tuples it gave; a checkpoint may hand them back as lists
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def _resume(directory: str | Path | None, model: nn.Module, optimizer: Any, schedule: Any,
-            best: _Best | None) -> int:
+            best: _Best | None, generator: torch.Generator, rank: int, world: int) -> tuple[int, bool]:
+    """(the step to go on from, whether the random states were restored)."""
     if directory is None or not (Path(directory) / CHECKPOINT).is_file():
-        return 0
+        return 0, False
     state = torch.load(Path(directory) / CHECKPOINT, map_location="cpu", weights_only=True)
     if best is not None and "best" not in state:  # checked before anything is loaded: nothing half-resumed
         raise PlanError(f"{Path(directory) / CHECKPOINT} was saved by a run without holdout; resume it "
@@ -395,11 +443,15 @@ def _resume(directory: str | Path | None, model: nn.Module, optimizer: Any, sche
     schedule.load_state_dict(state["schedule"])
     if best is not None:
         best.load(state["best"])
-    return int(state["step"])
+    # Each rank's own states; a run resumed on another number of ranks draws anew (not bit-exact).
+    states = state.get("random_states", [])
+    if len(states) == world:
+        restore_random_states(states[rank], generator)
+    return int(state["step"]), len(states) == world
 
 
 def _save(directory: str | Path, model: nn.Module, optimizer: Any, schedule: Any, step: int,
-          best: _Best | None) -> None:
+          best: _Best | None, states: list[dict[str, Any]]) -> None:
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
@@ -409,6 +461,7 @@ def _save(directory: str | Path, model: nn.Module, optimizer: Any, schedule: Any
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "step": step,
+            "random_states": states,
             **({"best": best.to_state()} if best is not None else {}),
         },
         tmp,

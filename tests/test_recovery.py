@@ -126,18 +126,20 @@ def test_a_dataloader_of_the_users_batches_serves_calibration_recovery_and_valid
     assert result.steps == 2
     assert normswap.validate(model, a, loader, measure=False).num_samples == 64
     for bad, message in ((DataLoader(TensorDataset(data[:0]), batch_size=4), "empty"),
-                         ([{"image": data[:4]}].__iter__(), "input tensor first"),
+                         ([{"image": data[:4]}].__iter__(), "takes no 'image'"),
+                         (iter([object()]), "input tensor first"),
                          (iter([data[:4], data[:4, :, :4]]), "different shapes")):
         with pytest.raises(normswap.NormswapError, match=message):
             load_inputs(model, bad)
 
 
 def test_holdout_fraction_holds_back_disjoint_samples_in_order():
-    from normswap.data import load_inputs
+    from normswap.data import InputSet
 
     model, data = small_cnn()
     labels = torch.arange(10)
-    inputs = load_inputs(model, (data[:10], labels), batch_size=4)
+    # labels ride along as a second input (load_inputs would leave them out as targets)
+    inputs = InputSet(tuple((data[:10][i : i + 4], labels[i : i + 4]) for i in range(0, 10, 4)), "given", "labelled")
     kept, held = inputs.split_off(0.3)
     kept_labels, held_labels = (torch.cat([b[1] for b in part.batches]) for part in (kept, held))
     assert len(held_labels) == 3 and len(kept_labels) == 7

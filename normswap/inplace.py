@@ -1,0 +1,260 @@
+"""Out-of-place forward passes, which Opacus' per-sample gradients need (the ``out-of-place`` ensure).
+
+Opacus hooks every module with trainable parameters with a full backward hook, which hands the
+module's output on as a view; modifying that view in place fails at the first backward pass
+(``Output 0 of BackwardHookFunction is a view and is being modified inplace``). Two things do that
+in the models people train: activation modules built with ``inplace=True`` (timm builds most of its
+activations so) and forward code such as timm ResNet's ``x += shortcut``. The first is an attribute,
+set off here on every module that has it. The second is code: where the model traces with torch.fx,
+each in-place op on a hooked output is rewritten to its out-of-place form (the result is then a
+GraphModule, as for functional batch_norm rewrites); where it does not, a forward pass hooked the way
+Opacus hooks finds the op, and a PlanError names it and the module it runs in.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import PlanError
+from .tracing import NormswapTracer, model_state_guard, qualname
+
+IN_PLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv, operator.ipow: operator.pow,
+    operator.iand: operator.and_, operator.ior: operator.or_, operator.ixor: operator.xor,
+}
+# Calls that hand on (a view of) their input: an in-place op on their result modifies the input too.
+VIEW_METHODS = {"view", "view_as", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "expand",
+                "narrow", "select", "unflatten", "contiguous", "t"}
+VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                  torch.unsqueeze, torch.narrow, torch.select}
+
+
+@dataclass(frozen=True)
+class OutOfPlace:
+    """What :func:`make_out_of_place` changed: the model to use, the activation modules it set to
+    ``inplace=False`` and each in-place op it rewrote ("node: op on the output of module → new op")."""
+
+    model: nn.Module
+    activations: tuple[str, ...]
+    rewritten: tuple[str, ...]
+
+    def warnings(self) -> list[str]:
+        notes = []
+        if self.activations:
+            notes.append(f"out-of-place: {len(self.activations)} activation modules set to inplace=False "
+                         f"({', '.join(self.activations[:3])}{', …' if len(self.activations) > 3 else ''}).")
+        if self.rewritten:
+            notes.append(f"out-of-place: in-place ops on outputs that Opacus hooks were rewritten, so the result "
+                         f"is a torch.fx GraphModule: {'; '.join(self.rewritten)}.")
+        return notes
+
+
+def make_out_of_place(model: nn.Module, traced: bool, example_shapes: tuple[tuple[int, ...], ...]) -> OutOfPlace:
+    """``model`` with no in-place op on a hooked module output (see the module's doc). ``traced``: the
+    plan's trace succeeded; ``example_shapes``: the plan's example inputs, for the check of a model
+    that does not trace."""
+    activations = tuple(path for path, m in model.named_modules() if getattr(m, "inplace", None) is True)
+    for path in activations:
+        model.get_submodule(path).inplace = False
+    graph = None
+    if traced:
+        with model_state_guard(model, eval_mode=False):
+            try:
+                graph = _SourceTracer().trace(model)
+            except Exception:  # the plan traced it; a model that no longer does is checked as untraced
+                graph = None
+    if graph is None:
+        check_out_of_place(model, example_shapes)
+        return OutOfPlace(model, activations, ())
+    rewritten = _rewrite(model, graph)
+    if not rewritten:
+        return OutOfPlace(model, activations, ())
+    graph.lint()
+    result = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    for name in ("pretrained_cfg", "default_cfg"):  # what reads the model's input size keeps it
+        if hasattr(model, name):
+            setattr(result, name, getattr(model, name))
+    return OutOfPlace(result, activations, tuple(rewritten))
+
+
+def hooked(module: nn.Module) -> bool:
+    """Opacus hooks modules with parameters of their own that train."""
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+class _SourceTracer(NormswapTracer):
+    """normswap's tracer, recording each node's source line: fx records ``x += y`` on a traced tensor as
+    ``add`` (a Proxy has no ``__iadd__``), so only the line tells that the eager forward does it in place."""
+
+    record_stack_traces = True
+
+    def create_node(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                    type_expr: Any | None = None) -> fx.Node:
+        return fx.Tracer.create_node(self, kind, target, args, kwargs, name, type_expr)
+
+
+AUGMENTED = {operator.add: "+=", operator.sub: "-=", operator.mul: "*=", operator.truediv: "/=",
+             operator.floordiv: "//=", operator.pow: "**=", operator.and_: "&=", operator.or_: "|=",
+             operator.xor: "^="}
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in \S+\n\s+(.*)')
+
+
+def _rewrite(model: nn.Module, graph: fx.Graph) -> list[str]:
+    """Make every in-place op on a hooked output out-of-place; returns what it found, one line each."""
+    modules = dict(model.named_modules())
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    found = []
+    for node in list(graph.nodes):
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        augmented = _augmented_line(node)
+        replacement = _out_of_place_form(node)
+        if augmented is None and replacement is None:
+            continue
+        source = _hooked_source(node.args[0], modules)
+        if source is None:
+            continue
+        mutated = node.args[0]
+        if mutated is not source or any(order[u] > order[node] and u is not node for u in _views_of(source)):
+            raise PlanError(
+                f"{_describe(node, augmented)} modifies the output of {source.target} "
+                f"({qualname(modules[str(source.target)])}) in place through a view that is used again "
+                f"afterwards; normswap cannot rewrite that without changing what the model computes. Make that "
+                f"line out-of-place in the model's forward."
+            )
+        if augmented is not None:  # the graph already holds the out-of-place op: its forward is the fix
+            found.append(f"`{augmented}` on the output of {source.target} → {_name(node.target)}")
+            continue
+        op, target = replacement
+        with graph.inserting_after(node):
+            new = graph.create_node(op, target, node.args, _without_inplace(node.kwargs), name=f"{node.name}_copy")
+        for user in list(mutated.users):  # later readers of the tensor read the result, as in place they did
+            if user is not node and user is not new and order.get(user, -1) > order[node]:
+                user.replace_input_with(mutated, new)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        found.append(f"{_name(node.target)} on the output of {source.target} → {_name(target)}")
+    return found
+
+
+def _ours(filename: str) -> bool:
+    """A frame of torch's or normswap's own, not of the model's forward."""
+    return "/torch/" in filename or Path(filename).parent == Path(__file__).parent
+
+
+def _augmented_line(node: fx.Node) -> str | None:
+    """The source line of an ``x op= y`` that fx recorded as the out-of-place op, else None."""
+    symbol = AUGMENTED.get(node.target) if node.op == "call_function" else None
+    if symbol is None or not node.stack_trace:
+        return None
+    frames = [m for m in _FRAME.finditer(node.stack_trace) if not _ours(m.group(1))]
+    if not frames:
+        return None
+    line = frames[-1].group(3).strip()
+    return line if re.match(rf"^[\w.\[\]]+\s*{re.escape(symbol)}", line) else None
+
+
+def _out_of_place_form(node: fx.Node) -> tuple[str, Any] | None:
+    if node.op == "call_function" and node.target in IN_PLACE_OPERATORS:
+        return "call_function", IN_PLACE_OPERATORS[node.target]
+    if node.op == "call_function" and node.kwargs.get("inplace") is True:
+        return "call_function", node.target
+    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+            and not node.target.startswith("_") and hasattr(torch.Tensor, node.target[:-1]):
+        return "call_method", node.target[:-1]
+    return None
+
+
+def _without_inplace(kwargs: Any) -> dict[str, Any]:
+    return {k: (False if k == "inplace" else v) for k, v in kwargs.items()}
+
+
+def _hooked_source(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The call of a hooked module whose output ``node`` is, directly or through views; None if none."""
+    while True:
+        if node.op == "call_module":
+            return node if hooked(modules[str(node.target)]) else None
+        is_view = (node.op == "call_method" and node.target in VIEW_METHODS) or \
+            (node.op == "call_function" and node.target in VIEW_FUNCTIONS)
+        if not is_view or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+
+
+def _views_of(node: fx.Node) -> Iterator[fx.Node]:
+    for user in node.users:
+        if (user.op == "call_method" and user.target in VIEW_METHODS) or \
+                (user.op == "call_function" and user.target in VIEW_FUNCTIONS):
+            yield user
+            yield from _views_of(user)
+
+
+def _name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _describe(node: fx.Node, line: str | None) -> str:
+    return f"`{line}`" if line else f"the in-place op {_name(node.target)} (graph node {node.name})"
+
+
+def check_out_of_place(model: nn.Module, example_shapes: tuple[tuple[int, ...], ...]) -> None:
+    """Run ``model`` (a copy, in training mode) on random inputs of ``example_shapes`` with every
+    hooked module hooked the way Opacus hooks it; an in-place op on a hooked output fails there, and
+    the PlanError names the op's source line and the module it runs in. Without shapes nothing runs."""
+    if not example_shapes:
+        return
+    probe = copy.deepcopy(model).train()
+    inputs = [torch.randn(shape) for shape in example_shapes]
+    running: list[str] = []
+    with _opacus_like_hooks(probe, running):
+        try:
+            probe(*inputs)
+        except RuntimeError as exc:
+            if "BackwardHookFunction" not in str(exc):
+                return  # some other failure: not this check's to report
+            where = _innermost_model_line(exc)
+            path = running[-1] if running else ""
+            module = f"the forward of {path} ({qualname(probe.get_submodule(path))})" if path else \
+                f"the model's own forward ({qualname(model)})"
+            raise PlanError(
+                f"{where}, in {module}, modifies a hooked module's output in place; Opacus' per-sample "
+                f"gradients fail on it (Output of BackwardHookFunction modified inplace). {qualname(model)} does "
+                f"not trace with torch.fx, so normswap cannot rewrite it: make that line out-of-place "
+                f"(e.g. x = x + y for x += y)."
+            ) from exc
+
+
+@contextmanager
+def _opacus_like_hooks(model: nn.Module, running: list[str]) -> Iterator[None]:
+    handles = []
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda *_a, p=path: running.append(p)))
+        handles.append(module.register_forward_hook(lambda *_a: running.pop() and None))
+        if hooked(module):
+            handles.append(module.register_full_backward_hook(lambda *_a: None))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _innermost_model_line(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _ours(f.filename)]
+    if not frames:
+        return "an in-place op"
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
