@@ -6,8 +6,9 @@ module's output on as a view; modifying that view in place fails at the first ba
 in the models people train: activation modules built with ``inplace=True`` (timm builds most of its
 activations so) and forward code such as timm ResNet's ``x += shortcut``. The first is an attribute,
 set off here on every module that has it. The second is code: where the model traces with torch.fx,
-each in-place op on a hooked output is rewritten to its out-of-place form (the result is then a
-GraphModule, as for functional batch_norm rewrites); where it does not, a forward pass hooked the way
+each in-place op on a hooked output is rewritten to its out-of-place form, in the submodules whose
+forward holds it (each becomes a GraphModule of its class; the model keeps its own class and methods)
+or, where the op is in the model's own forward, in the whole model; where it does not trace, a forward pass hooked the way
 Opacus hooks finds the op, and a PlanError names it and the module it runs in.
 """
 
@@ -57,8 +58,8 @@ class OutOfPlace:
             notes.append(f"out-of-place: {len(self.activations)} activation modules set to inplace=False "
                          f"({', '.join(self.activations[:3])}{', …' if len(self.activations) > 3 else ''}).")
         if self.rewritten:
-            notes.append(f"out-of-place: in-place ops on outputs that Opacus hooks were rewritten, so the result "
-                         f"is a torch.fx GraphModule: {'; '.join(self.rewritten)}.")
+            notes.append(f"out-of-place: in-place ops on outputs that Opacus hooks were rewritten (the forward "
+                         f"that held each is now a torch.fx GraphModule of its class): {'; '.join(self.rewritten)}.")
         return notes
 
 
@@ -79,9 +80,15 @@ def make_out_of_place(model: nn.Module, traced: bool, example_shapes: tuple[tupl
     if graph is None:
         check_out_of_place(model, example_shapes)
         return OutOfPlace(model, activations, ())
-    rewritten = _rewrite(model, graph)
+    frames: list[tuple[str, int]] = []
+    rewritten = _rewrite(model, graph, frames)
     if not rewritten:
         return OutOfPlace(model, activations, ())
+    local = _rewrite_owners(model, frames)
+    if local is not None:
+        return OutOfPlace(model, activations, tuple(local))
+    graph = _SourceTracer().trace(model)  # the owners did not cover every op: the whole model is rewritten
+    rewritten = _rewrite(model, graph)
     graph.lint()
     result = fx.GraphModule(model, graph, class_name=type(model).__name__)
     for name in ("pretrained_cfg", "default_cfg"):  # what reads the model's input size keeps it
@@ -112,8 +119,45 @@ AUGMENTED = {operator.add: "+=", operator.sub: "-=", operator.mul: "*=", operato
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in \S+\n\s+(.*)')
 
 
-def _rewrite(model: nn.Module, graph: fx.Graph) -> list[str]:
-    """Make every in-place op on a hooked output out-of-place; returns what it found, one line each."""
+def _rewrite_owners(model: nn.Module, frames: list[tuple[str, int]]) -> list[str] | None:
+    """Rewrite only the submodules whose own forward holds the in-place lines (timm's ResNet blocks, not
+    the ResNet), each into a GraphModule of its class, so the model keeps its class and methods
+    (``forward_features``, ``reset_classifier``). None where a line is in the model's own forward or no
+    submodule owns it; what is done then stays correct, and the caller rewrites the whole model."""
+    owners = [(path, m) for path, m in model.named_modules() if path and _owns_a_line(type(m), frames)]
+    owned = {frame for frame in frames if any(_owns_a_line(type(m), [frame]) for _, m in owners)}
+    if not owners or owned != set(frames):
+        return None
+    found: list[str] = []
+    done: list[str] = []
+    for path, module in owners:  # top-down: an owner inside a rewritten one is rewritten with it
+        if any(path.startswith(f"{d}.") for d in done):
+            continue
+        with model_state_guard(module, eval_mode=False):
+            graph = _SourceTracer().trace(module)
+        found += [f"{path}: {line}" for line in _rewrite(module, graph)]
+        graph.lint()
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name,
+                fx.GraphModule(module, graph, class_name=type(module).__name__))
+        done.append(path)
+    with model_state_guard(model, eval_mode=False):
+        left = _rewrite(model, _SourceTracer().trace(model))
+    return None if left else found
+
+
+def _owns_a_line(cls: type, frames: list[tuple[str, int]]) -> bool:
+    forward = getattr(cls, "forward", None)
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return False
+    last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
+    return any(file == code.co_filename and code.co_firstlineno <= line <= last for file, line in frames)
+
+
+def _rewrite(model: nn.Module, graph: fx.Graph, frames: list[tuple[str, int]] | None = None) -> list[str]:
+    """Make every in-place op on a hooked output out-of-place; returns what it found, one line each, and
+    adds the source line of each op (file, line number) to ``frames``."""
     modules = dict(model.named_modules())
     order = {node: i for i, node in enumerate(graph.nodes)}
     found = []
@@ -135,6 +179,8 @@ def _rewrite(model: nn.Module, graph: fx.Graph) -> list[str]:
                 f"afterwards; normswap cannot rewrite that without changing what the model computes. Make that "
                 f"line out-of-place in the model's forward."
             )
+        if frames is not None and (where := _model_frame(node)) is not None:
+            frames.append(where)
         if augmented is not None:  # the graph already holds the out-of-place op: its forward is the fix
             found.append(f"`{augmented}` on the output of {source.target} → {_name(node.target)}")
             continue
@@ -165,6 +211,12 @@ def _augmented_line(node: fx.Node) -> str | None:
         return None
     line = frames[-1].group(3).strip()
     return line if re.match(rf"^[\w.\[\]]+\s*{re.escape(symbol)}", line) else None
+
+
+def _model_frame(node: fx.Node) -> tuple[str, int] | None:
+    """The model's own source line that made ``node`` (its innermost frame outside torch and normswap)."""
+    frames = [m for m in _FRAME.finditer(node.stack_trace or "") if not _ours(m.group(1))]
+    return (frames[-1].group(1), int(frames[-1].group(2))) if frames else None
 
 
 def _out_of_place_form(node: fx.Node) -> tuple[str, Any] | None:

@@ -213,7 +213,11 @@ def test_opacus_trains_a_timm_model_converted_with_dp_as_it_comes(name):
     assert not [p for p, m in model.named_modules() if getattr(m, "inplace", False)]
     rewritten = [w for w in conversion.report.warnings if "rewritten" in w]
     if name == "resnet18":  # timm ResNet's `x += shortcut` after each block's last norm
-        assert rewritten and rewritten[0].count("`x += shortcut` on the output of layer") == 8
+        assert rewritten and rewritten[0].count("`x += shortcut` on the output of bn2") == 8
+        assert type(model).__name__ == "ResNet" and not isinstance(model, torch.fx.GraphModule), \
+            "only the blocks that hold the op are rewritten: the model keeps its class and methods"
+        assert model.forward_features(torch.randn(1, 3, 32, 32)).ndim == 4
+        assert isinstance(model.layer1[0], torch.fx.GraphModule) and type(model.layer1[0]).__name__ == "BasicBlock"
     else:
         assert not rewritten and not isinstance(model, torch.fx.GraphModule)
     generator = torch.Generator().manual_seed(0)
