@@ -8,8 +8,8 @@ activations so) and forward code such as timm ResNet's ``x += shortcut``. The fi
 set off here on every module that has it. The second is code: where the model traces with torch.fx,
 each in-place op on a hooked output is rewritten to its out-of-place form, in the submodules whose
 forward holds it (each becomes a GraphModule of its class; the model keeps its own class and methods)
-or, where the op is in the model's own forward, in the whole model; where it does not trace, a forward pass hooked the way
-Opacus hooks finds the op, and a PlanError names it and the module it runs in.
+or, where the op is in the model's own forward, in the whole model; where it does not trace, a forward
+pass hooked the way Opacus hooks finds the op, and a PlanError names it and the module it runs in.
 """
 
 from __future__ import annotations
