@@ -171,7 +171,7 @@ class NormswapTracer(fx.Tracer):
 
         Everything else is fx's, in fx's order; the graphs are the same (see tests).
         """
-        own = _OWN_TRACE and concrete_args is None and isinstance(root, nn.Module)
+        own = _OWN_TRACE and isinstance(root, nn.Module)
         named = list(root.named_modules()) if own else []  # type: ignore[union-attr]
         classes = _module_classes(root, named) if own else None
         if classes is None:
@@ -180,12 +180,13 @@ class NormswapTracer(fx.Tracer):
         was_tracing = _st._get_is_fx_tracing()
         _st._set_is_fx_tracing(True)
         try:
-            return self._trace_module(root, classes, named)
+            return self._trace_module(root, classes, named, concrete_args)
         finally:
             _st._set_is_fx_tracing(was_tracing)
 
     def _trace_module(
-        self, root: nn.Module, classes: list[type[nn.Module]], named: list[tuple[str, nn.Module]]
+        self, root: nn.Module, classes: list[type[nn.Module]], named: list[tuple[str, nn.Module]],
+        concrete_args: dict[str, Any] | None = None,
     ) -> fx.Graph:
         from torch.fx._lazy_graph_module import _LazyGraphModule
 
@@ -201,7 +202,7 @@ class NormswapTracer(fx.Tracer):
         }
         self.tensor_attrs = _TensorAttributes(root)
         fn_globals = fn.__globals__  # before it is patched
-        fn, args = self.create_args_for_root(fn, True, None)
+        fn, args = self.create_args_for_root(fn, True, concrete_args)
         parameter_proxy_cache: dict[str, fx.Proxy] = {}
 
         def module_getattr_wrapper(mod: nn.Module, attr: str) -> Any:
@@ -752,6 +753,9 @@ def _site_holders(index: ModuleIndex) -> set[int]:
 
 
 def _trace_part(m: nn.Module, path: str, first: tuple[tuple[Any, ...], dict[str, Any]] | None) -> fx.Graph | None:
+    """The part's graph, or None where it does not trace. Where the plain trace fails, the part is
+    traced once more as the forward pass called it: containers unrolled, non-tensor arguments fixed
+    (a flag such as ``output_hidden_states`` no longer stops the trace)."""
     try:
         graph = trace_graph(m)
     except Exception:  # noqa: BLE001 - a part that does not trace is split further
@@ -770,13 +774,15 @@ def _trace_part(m: nn.Module, path: str, first: tuple[tuple[Any, ...], dict[str,
 
 def _concrete_args(m: nn.Module, first: tuple[tuple[Any, ...], dict[str, Any]] | None) -> dict[str, Any] | None:
     """fx ``concrete_args`` for tracing ``m`` as it was first called: containers of tensors unrolled
-    (a placeholder per tensor), other non-tensor arguments fixed; None where that would not help."""
+    (a placeholder per tensor), other non-tensor arguments fixed; None where every argument is a tensor
+    (a plain trace) or where the call cannot be bound to ``forward``'s signature."""
     if first is None:
         return None
     try:
         bound = inspect.signature(m.forward).bind(*first[0], **first[1])
     except (TypeError, ValueError):
         return None
+    bound.apply_defaults()
     concrete: dict[str, Any] = {}
     for name, value in bound.arguments.items():
         kind = bound.signature.parameters[name].kind
@@ -793,11 +799,7 @@ def _concrete_args(m: nn.Module, first: tuple[tuple[Any, ...], dict[str, Any]] |
             return None  # a tensor inside an object fx cannot unroll
         else:
             concrete[name] = value
-    return concrete if any(_holds_placeholder(v) for v in concrete.values()) else None
-
-
-def _holds_placeholder(value: Any) -> bool:
-    return any(x is fx.PH for x in torch.utils._pytree.tree_leaves(value))
+    return concrete or None
 
 
 def _trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:

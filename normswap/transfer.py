@@ -343,8 +343,10 @@ def _fused(producer: nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> nn.M
     shape[out_dim] = -1
     with torch.no_grad():
         weight = old.detach().to(compute) * scale.to(compute).view(shape)
-        # empty_like keeps the original weight's memory format (channels-last convs stay channels-last).
-        fused.weight = nn.Parameter(torch.empty_like(old).copy_(weight), requires_grad=old.requires_grad)
+        if weight.dtype != old.dtype or weight.stride() != old.stride():
+            # empty_like keeps the original weight's memory format (channels-last convs stay channels-last).
+            weight = torch.empty_like(old).copy_(weight)
+        fused.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
     # copy: ``bias`` is a view into all sites' factors
     fused.bias = nn.Parameter(bias.to(old.dtype, copy=True), requires_grad=old.requires_grad)
     return fused
