@@ -213,7 +213,7 @@ class NormswapTracer(fx.Tracer):
                 return _st._orig_module_call(mod, *args, **kwargs)
 
             forward_globals = getattr(getattr(mod, "forward", mod), "__globals__", {})
-            _st._autowrap_check(patcher, forward_globals, self._autowrap_function_ids)
+            _autowrap_check(patcher, forward_globals, self._autowrap_function_ids)
             return self.call_module(mod, forward, args, kwargs)
 
         with _st._new_patcher() as patcher:
@@ -222,9 +222,9 @@ class NormswapTracer(fx.Tracer):
                     patcher.patches_made.append(_PatchedClassAttribute(cls, name, None, wrapper))
                     patcher.patches_made[-1].patch()
             _st._patch_wrapped_functions(patcher)
-            _st._autowrap_check(patcher, fn_globals, self._autowrap_function_ids)
+            _autowrap_check(patcher, fn_globals, self._autowrap_function_ids)
             for module in self._autowrap_search:
-                _st._autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
+                _autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
             ann = inspect.get_annotations(inspect.unwrap(fn))
             self.create_node("output", "output", (self.create_arg(fn(*args)),), {}, type_expr=ann.get("return"))
         self.submodule_paths = None
@@ -314,10 +314,28 @@ class NormswapTracer(fx.Tracer):
 
 _FX_TRACE_INTERNALS = ("_get_is_fx_tracing", "_set_is_fx_tracing", "_orig_module_call", "_orig_module_getattr",
                        "_autowrap_check", "_new_patcher", "_patch_wrapped_functions", "_PatchedFn",
-                       "_constant_attribute_types")
+                       "_constant_attribute_types", "_create_wrapped_func")
 _OWN_TRACE = all(hasattr(_st, name) for name in _FX_TRACE_INTERNALS) and all(
     hasattr(fx.Tracer(), a) for a in ("_autowrap_search", "_autowrap_function_ids", "traced_func_name")
 )
+
+
+_WRAPPERS: dict[int, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # id(function) -> (function, wrapper)
+
+
+def _autowrap_check(patcher: Any, frame_dict: dict[str, Any], function_ids: set[int]) -> None:
+    """fx's ``_autowrap_check`` (wrap the functions fx records as calls, ``math.sqrt`` and timm's
+    no-trace functions, wherever traced code finds them), with each wrapper made once per function
+    instead of once per trace: fx's re-wraps all of ``math`` at every trace, 3 ms, more than tracing a
+    small block costs, and tracing by parts traces many. A wrapper holds nothing but its function
+    (the tracer is found from the proxies it is called with), so reusing it changes nothing."""
+    if patcher.visit_once(frame_dict):
+        for name, value in frame_dict.items():
+            if not name.startswith("_") and callable(value) and id(value) in function_ids:
+                known = _WRAPPERS.get(id(value))
+                if known is None or known[0] is not value:
+                    known = _WRAPPERS[id(value)] = (value, _st._create_wrapped_func(value))
+                patcher.patch(frame_dict, name, known[1])
 
 
 def _module_classes(root: nn.Module, named: list[tuple[str, nn.Module]]) -> list[type[nn.Module]] | None:
@@ -682,8 +700,8 @@ def discover(
         ran = shapes == "always" or _needs_forward(graph, bn_modules)
         if ran:
             # Without a whole graph, the forward pass also records every module's calls and first
-            # arguments: what tracing by parts needs (unless an earlier discovery lends its parts).
-            watch = graph is None and bn_modules and traced is None
+            # arguments: what tracing by parts, and checking what the parts show, need.
+            watch = graph is None and bool(bn_modules)
             observed, functional_seen, eager_calls = _observe(model, graph, inputs, bn_modules,
                                                               runs if watch else None, index)
         else:

@@ -180,3 +180,15 @@ def test_groupnorm_from_a_frozen_site_keeps_its_expected_output_and_trains():
     assert conversion.plan.entries[0].options["transfer"] == "statistics"
     # The statistics-aware transfer used the frozen layer's buffers: not the default affine.
     assert not torch.allclose(gn.weight, torch.ones(8))
+
+
+def test_a_second_discovery_for_shapes_reuses_the_parts_and_keeps_their_context():
+    from normswap.tracing import discover
+
+    model = _randomize(Detector()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    first = discover(model, x)
+    again = discover(model, x, "always", traced=first)
+    assert again.parts == first.parts
+    assert [s.producer_exclusive for s in again.sites] == [s.producer_exclusive for s in first.sites]
+    assert [s.learned_by for s in again.sites] == [s.learned_by for s in first.sites]
