@@ -895,10 +895,8 @@ def _observe_once(
 ) -> Observation:
     observed = {id(m): _Observed() for _, m in bn_modules}
     handles = [m.register_forward_pre_hook(_recording_hook(observed[id(m)])) for _, m in bn_modules]
-    if runs is not None:
-        modules = [m for _, m in index.unique] if index is not None else list(model.modules())
-        handles += [m.register_forward_pre_hook(runs.hook, with_kwargs=True) for m in modules]
-    eager_calls = _EagerFunctionalCalls(model) if graph is None else None
+    modules = index.unique if index is not None else None
+    eager_calls = _EagerFunctionalCalls(model, runs, modules) if graph is None else None
     try:
         if eager_calls is None:
             functional_seen = _run_forward(model, graph, inputs)
@@ -915,28 +913,44 @@ class _EagerFunctionalCalls(TorchFunctionMode):
     """Without a graph, functional ``batch_norm`` calls are still seen at run time: a torch-function
     mode notes every call made outside a BatchNorm module, with the module it was made in. Such a site
     cannot be rewritten (that needs the graph), but the plan shows it and recipes that promise no
-    BatchNorm refuse to pretend otherwise."""
+    BatchNorm refuse to pretend otherwise. The same hooks count module calls into ``runs``, where
+    given (one hook per module instead of two: hooks are most of what a small model's forward costs
+    here)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self, model: nn.Module, runs: ModuleRuns | None = None, modules: list[tuple[str, nn.Module]] | None = None
+    ) -> None:
         super().__init__()
         self.model = model
+        self.runs = runs
+        self.modules = modules  # the model's (path, module) pairs, each module once, where the caller has them
         self.stack: list[tuple[str, bool]] = []
         self.sites: list[Site] = []
         self.handles: list[Any] = []
 
     def __enter__(self) -> _EagerFunctionalCalls:
-        def push(path: str, is_bn: bool) -> Callable[..., None]:
-            def hook(*_: Any) -> None:
-                self.stack.append((path, is_bn))
+        runs = self.runs
 
-            return hook
+        def push(path: str, is_bn: bool) -> Callable[..., None]:
+            entry = (path, is_bn)
+            if runs is None:
+                def hook(*_: Any) -> None:
+                    self.stack.append(entry)
+
+                return hook
+
+            def counting(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self.stack.append(entry)
+                runs.hook(module, args, kwargs)
+
+            return counting
 
         def pop(*_: Any) -> None:  # a forward hook that returned a value would replace the output
             if self.stack:
                 self.stack.pop()
 
-        for path, m in self.model.named_modules():
-            self.handles.append(m.register_forward_pre_hook(push(path, is_site_module(m))))
+        for path, m in self.modules if self.modules is not None else self.model.named_modules():
+            self.handles.append(m.register_forward_pre_hook(push(path, is_site_module(m)), with_kwargs=runs is not None))
             self.handles.append(m.register_forward_hook(pop))
         return super().__enter__()
 
