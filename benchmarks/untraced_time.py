@@ -39,6 +39,14 @@ def _detector(frozen: bool) -> tuple[nn.Module, torch.Tensor]:
     return model, torch.rand(1, 3, 128, 128)
 
 
+def _ssdlite() -> tuple[nn.Module, torch.Tensor]:
+    import torchvision
+
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                      num_classes=3)
+    return model, torch.rand(1, 3, 320, 320)
+
+
 def _hf_resnet50() -> tuple[nn.Module, torch.Tensor]:
     import transformers
 
@@ -54,6 +62,7 @@ def _tv_resnet50() -> tuple[nn.Module, torch.Tensor]:
 MODELS: dict[str, Builder] = {
     "fasterrcnn_mobilenet_v3_large_fpn@128": lambda: _detector(False),
     "fasterrcnn_resnet18_fpn_frozenbn@128": lambda: _detector(True),
+    "ssdlite320_mobilenet_v3_large@320": _ssdlite,
     "hf_resnet50@64": _hf_resnet50,
     "torchvision_resnet50@64 (traces whole)": _tv_resnet50,
 }
