@@ -705,10 +705,10 @@ def discover(
             observed, functional_seen, eager_calls = _observe(model, graph, inputs, bn_modules,
                                                               runs if watch else None, index)
         else:
-            observed, functional_seen, eager_calls = _from_graph(bn_modules, _module_nodes([("", graph)]))
+            observed, functional_seen, eager_calls = _from_graph(bn_modules, _module_nodes([graph]))
         if graph is None and bn_modules:
             parts = traced.parts if traced is not None else trace_parts(model, index, runs)
-    node_index = _module_nodes([("", graph)] if graph is not None else [(p.path, p.graph) for p in parts])
+    node_index = _module_nodes([graph] if graph is not None else [p.graph for p in parts])
     context = _Context(node_index, index, ran, _part_of(parts), runs if graph is None else None)
     sites = [_module_site(path, m, observed[id(m)], context) for path, m in bn_modules]
     if graph is not None:
@@ -1022,10 +1022,10 @@ def _as_batch_of_two(inputs: Sequence[Any]) -> tuple[Any, ...] | None:
     return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
-def _module_nodes(graphs: Sequence[tuple[str, fx.Graph | None]]) -> dict[str, list[fx.Node]]:
+def _module_nodes(graphs: Sequence[fx.Graph | None]) -> dict[str, list[fx.Node]]:
     """call_module nodes by module path, over the whole graph or the parts' (whose targets are full paths)."""
     index: dict[str, list[fx.Node]] = {}
-    for _, graph in graphs:
+    for graph in graphs:
         if graph is not None:
             for n in graph.nodes:
                 if n.op == "call_module":
@@ -1034,7 +1034,7 @@ def _module_nodes(graphs: Sequence[tuple[str, fx.Graph | None]]) -> dict[str, li
 
 
 def _part_of(parts: Sequence[Part]) -> dict[int, Part]:
-    """The part each traced node belongs to, by the node's graph."""
+    """Each part by the id of its graph, so a node's part is ``_part_of(parts)[id(node.graph)]``."""
     return {id(p.graph): p for p in parts}
 
 
