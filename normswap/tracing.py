@@ -950,7 +950,8 @@ class _EagerFunctionalCalls(TorchFunctionMode):
                 self.stack.pop()
 
         for path, m in self.modules if self.modules is not None else self.model.named_modules():
-            self.handles.append(m.register_forward_pre_hook(push(path, is_site_module(m)), with_kwargs=runs is not None))
+            hook = push(path, is_site_module(m))
+            self.handles.append(m.register_forward_pre_hook(hook, with_kwargs=runs is not None))
             self.handles.append(m.register_forward_hook(pop))
         return super().__enter__()
 
