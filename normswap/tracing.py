@@ -776,13 +776,13 @@ def _trace_part(m: nn.Module, path: str, first: tuple[tuple[Any, ...], dict[str,
     (a flag such as ``output_hidden_states`` no longer stops the trace)."""
     try:
         graph = trace_graph(m)
-    except Exception:  # noqa: BLE001 - a part that does not trace is split further
+    except Exception:  # any failure: the part is split further
         concrete = _concrete_args(m, first)
         if concrete is None:
             return None
         try:
             graph = NormswapTracer().trace(m, concrete)
-        except Exception:  # noqa: BLE001
+        except Exception:  # likewise
             return None
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
