@@ -629,7 +629,9 @@ class Part:
 @dataclass
 class ModuleRuns:
     """What the hooked forward pass saw of every module: how often each ran (by id) and the arguments
-    of its first call, for tracing it on its own."""
+    of its first call, for tracing it on its own, with every tensor replaced by fx's placeholder
+    ``fx.PH``: keeping each module's input alive to the end of the forward would keep the allocator
+    from reusing its memory, which made the forward half as slow again."""
 
     calls: dict[int, int] = field(default_factory=dict)
     first: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
@@ -639,7 +641,16 @@ class ModuleRuns:
         count = self.calls.get(key, 0)
         self.calls[key] = count + 1
         if not count:
-            self.first[key] = (args, dict(kwargs))
+            self.first[key] = (tuple(_skeleton(a) for a in args), {k: _skeleton(v) for k, v in kwargs.items()})
+
+
+def _skeleton(value: Any) -> Any:
+    """``value`` with ``fx.PH`` for each tensor, in containers too; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return fx.PH
+    if isinstance(value, (list, tuple, dict)):
+        return torch.utils._pytree.tree_map(lambda v: fx.PH if isinstance(v, torch.Tensor) else v, value)
+    return value
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -791,9 +802,10 @@ def _trace_part(m: nn.Module, path: str, first: tuple[tuple[Any, ...], dict[str,
 
 
 def _concrete_args(m: nn.Module, first: tuple[tuple[Any, ...], dict[str, Any]] | None) -> dict[str, Any] | None:
-    """fx ``concrete_args`` for tracing ``m`` as it was first called: containers of tensors unrolled
-    (a placeholder per tensor), other non-tensor arguments fixed; None where every argument is a tensor
-    (a plain trace) or where the call cannot be bound to ``forward``'s signature."""
+    """fx ``concrete_args`` for tracing ``m`` as it was first called (``first``, from
+    :class:`ModuleRuns`): containers of tensors unrolled (a placeholder per tensor), other non-tensor
+    arguments fixed; None where every argument is a tensor (a plain trace) or where the call cannot be
+    bound to ``forward``'s signature."""
     if first is None:
         return None
     try:
@@ -806,16 +818,7 @@ def _concrete_args(m: nn.Module, first: tuple[tuple[Any, ...], dict[str, Any]] |
         kind = bound.signature.parameters[name].kind
         if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             return None
-        if isinstance(value, torch.Tensor):
-            continue
-        leaves, spec = torch.utils._pytree.tree_flatten(value)
-        if any(isinstance(x, torch.Tensor) for x in leaves) and not spec.is_leaf():
-            concrete[name] = torch.utils._pytree.tree_unflatten(
-                [fx.PH if isinstance(x, torch.Tensor) else x for x in leaves], spec
-            )
-        elif any(isinstance(x, torch.Tensor) for x in leaves):
-            return None  # a tensor inside an object fx cannot unroll
-        else:
+        if value is not fx.PH:  # a tensor stays a plain placeholder
             concrete[name] = value
     return concrete or None
 
