@@ -192,3 +192,18 @@ def test_a_second_discovery_for_shapes_reuses_the_parts_and_keeps_their_context(
     assert again.parts == first.parts
     assert [s.producer_exclusive for s in again.sites] == [s.producer_exclusive for s in first.sites]
     assert [s.learned_by for s in again.sites] == [s.learned_by for s in first.sites]
+
+
+def test_standardize_folds_into_producers_found_in_parts():
+    torch.manual_seed(0)
+    model = _randomize(Detector(torchvision.ops.misc.FrozenBatchNorm2d)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    plan = normswap.plan(model, "pretrained-small-batch", x)
+    transfers = {e.site.path: (e.options["transfer"], e.options.get("producer")) for e in plan.entries}
+    assert transfers == {
+        "backbone.0.1": ("standardize", "backbone.0.0"), "backbone.1.1": ("standardize", "backbone.1.0"),
+        "head.bn": ("standardize", "head.conv"), "side_bn": ("statistics", None)}
+    converted = normswap.apply_plan(model, plan)
+    assert not torch.equal(converted.backbone[0][0].weight, model.backbone[0][0].weight), "the conv was standardized"
+    with torch.no_grad():
+        assert all(torch.isfinite(v).all() for v in converted(x).values())
