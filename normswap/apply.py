@@ -18,7 +18,15 @@ from .cloning import clone_model
 from .errors import PlanError
 from .inplace import make_out_of_place
 from .targets import get_target
-from .tracing import ModuleIndex, is_functional_batch_norm, model_state_guard, qualname, trace_graph
+from .tracing import (
+    ModuleIndex,
+    is_functional_batch_norm,
+    is_site_module,
+    model_state_guard,
+    qualname,
+    site_features,
+    trace_graph,
+)
 from .transfer import NormState
 from .types import Plan, PlanEntry, SwapRecord
 
@@ -54,16 +62,25 @@ def apply_plan(model: nn.Module, plan: Plan, inplace: bool = False) -> Applied:
             f"({'train' if model.training else 'eval'} mode)."
         )
     if plan.trace != "fx":
-        warnings.append(
-            f"the model did not trace ({plan.trace_error}); module sites were learned from forward "
-            "hooks and functional batch_norm calls, if any, could not be seen."
-        )
+        warnings.append(_untraced_warning(plan))
     if "out-of-place" in plan.ensure:  # last: it traces the converted model, GraphModule or not
         done = make_out_of_place(target_model, plan.trace == "fx", plan.example_input_shapes)
         target_model = done.model
         warnings += done.warnings()
     left = check_result(target_model, plan)
     return Applied(target_model, staged.records, warnings, left)
+
+
+def _untraced_warning(plan: Plan) -> str:
+    hooks = sum(1 for e in plan.entries if not e.site.traced)
+    parts = sorted({e.site.learned_by[3:] for e in plan.entries if e.site.learned_by.startswith("fx:")})
+    if not parts:
+        return (f"the model did not trace ({plan.trace_error}); module sites were learned from forward "
+                "hooks, so none could be folded, and functional batch_norm calls could not be rewritten.")
+    shown = ", ".join(parts[:6]) + (f" and {len(parts) - 6} more" if len(parts) > 6 else "")
+    return (f"the model did not trace whole ({plan.trace_error}); {len(plan.entries) - hooks} of "
+            f"{len(plan.entries)} sites were learned from traces of its parts ({shown}), {hooks} from forward "
+            "hooks alone (learned_by in the plan says which).")
 
 
 def _replaced(model: nn.Module, plan: Plan) -> list[nn.Module]:
@@ -112,10 +129,8 @@ def _check_fits(model: nn.Module, plan: Plan, modules: dict[str, nn.Module]) -> 
             continue
         if qualname(m) != site.cls:
             problems.append(f"{site.path}: is {qualname(m)}, plan expects {site.cls}")
-        elif getattr(m, "num_features", None) != site.num_features:
-            problems.append(
-                f"{site.path}: has {getattr(m, 'num_features', None)} features, plan expects {site.num_features}"
-            )
+        elif (features := site_features(m) if is_site_module(m) else None) != site.num_features:
+            problems.append(f"{site.path}: has {features} features, plan expects {site.num_features}")
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise PlanError(

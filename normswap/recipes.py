@@ -70,11 +70,12 @@ class Match:
     sequence: bool | None = None
     purpose: tuple[str, ...] = ()
     task: tuple[str, ...] = ()
+    frozen: bool | None = None
 
     def explain(self, site: Site, facts: Facts) -> str | None:
         """Why this matches (a short text), or None when it does not."""
         why: list[str] = []
-        checks = (self._classes, self._paths, self._layout, self._kind, self._channels, self._facts)
+        checks = (self._classes, self._paths, self._layout, self._kind, self._frozen, self._channels, self._facts)
         for check in checks:
             result = check(site, facts)
             if result is None:
@@ -111,6 +112,13 @@ class Match:
         if not self.kinds:
             return ""
         return f"kind={site.kind}" if site.kind in self.kinds else None
+
+    def _frozen(self, site: Site, facts: Facts) -> str | None:
+        if self.frozen is None:
+            return ""
+        if site.frozen is not self.frozen:
+            return None
+        return "frozen BatchNorm" if site.frozen else "not frozen"
 
     def _channels(self, site: Site, facts: Facts) -> str | None:
         if self.min_channels is not None and site.num_features < self.min_channels:
@@ -221,6 +229,7 @@ _MATCH_TYPES: dict[str, tuple[type, Any]] = {
     "batch_size_max": (int, None),
     "batch_size_min": (int, None),
     "sequence": (bool, None),
+    "frozen": (bool, None),
     "purpose": (list, PURPOSES),
     "task": (list, TASKS),
 }

@@ -51,7 +51,11 @@ def plan_footer(plan: Plan) -> list[str]:
         f"{len(plan.entries)} sites (trace: {plan.trace}); "
         + ", ".join(f"{k}: {v}" for k, v in sorted(plan.summary().items()))
     ]
-    if plan.trace_error:
+    if plan.trace_error and plan.trace == "parts":
+        traced = sum(1 for e in plan.entries if e.site.traced)
+        lines.append(f"the whole model did not trace ({plan.trace_error}); {traced} of {len(plan.entries)} sites "
+                     f"learned from traces of its parts (fx:<part>), the rest from forward hooks")
+    elif plan.trace_error:
         lines.append(f"fx trace failed, sites learned from forward hooks: {plan.trace_error}")
     if plan.unmatched_rules:
         lines.append(f"rules that matched nothing: {', '.join(plan.unmatched_rules)}")

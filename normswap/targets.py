@@ -394,6 +394,8 @@ class FrozenTarget(Target):
     def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
         if not site.has_running_stats:
             raise NotApplicable("no running statistics to freeze")
+        if site.frozen:
+            raise NotApplicable(f"{site.short_cls} is frozen already")
         return {"transfer": "exact"}
 
     def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:

@@ -2,13 +2,19 @@
 
 The trace gives the graph (producer, consumers, functional ``batch_norm`` calls); forward pre-hooks on
 every BatchNorm module give input shape, dtype, memory format and call count, also for modules that
-sit inside leaf modules the tracer does not enter. When the model will not trace, the hooks alone
-still give every module site its shapes, and the plan says which sites were learned which way.
+sit inside leaf modules the tracer does not enter. When the model will not trace whole (a detector's
+top-level control flow), the largest submodules that do trace are traced instead (see
+:func:`trace_parts`), and only what lies outside them is known from the hooks alone; the plan says
+which sites were learned which way.
+
+Sites are BatchNorm modules, functional ``batch_norm`` calls, and frozen BatchNorm layers from any
+library (see :func:`is_frozen_batchnorm`).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import dis
 import functools
 import inspect
@@ -42,6 +48,49 @@ _OTHER_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponse
 # Norm layers from other libraries (timm RmsNorm, torchvision FrozenBatchNorm2d); not wrappers such as
 # levit's ConvNorm, which merely contain a norm.
 _OTHER_NORM_NAME = re.compile(r"^(Group|Layer|Instance|Rms|RMS|Frozen\w*Batch|Batch\w*Renorm)Norm")
+
+
+FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+_FROZEN_CHILDREN = frozenset(("act", "drop"))  # timm's FrozenBatchNormAct2d keeps its activation
+
+
+def is_frozen_batchnorm(m: nn.Module) -> bool:
+    """Whether ``m`` is a frozen BatchNorm: a layer that normalizes with fixed per-channel statistics.
+
+    The rule, whatever library the class comes from (torchvision's and timm's ``FrozenBatchNorm2d``,
+    timm's ``FrozenBatchNormAct2d``, normswap's ``FrozenBatchNorm``, detectron2-style copies): not a
+    torch BatchNorm; ``weight``, ``bias``, ``running_mean`` and ``running_var`` all buffers (so nothing
+    is trained), 1-D and of one length C ≥ 1; no parameters; a numeric ``eps``; nothing that updates
+    statistics (no ``momentum``, no ``num_batches_tracked``); no submodules but ``act``/``drop``. Such a
+    layer computes the eval-mode BatchNorm of those buffers in every mode, which is what fold, the
+    statistics-aware transfers and freezing rely on.
+    """
+    buffers = m._buffers
+    mean = buffers.get("running_mean")
+    if mean is None or isinstance(m, _BatchNorm):
+        return False
+    if any(buffers.get(n) is None or buffers[n].shape != mean.shape for n in FROZEN_BUFFERS):
+        return False
+    if mean.ndim != 1 or mean.numel() < 1 or "num_batches_tracked" in buffers:
+        return False
+    if any(p is not None for p in m._parameters.values()) or "momentum" in m.__dict__:
+        return False
+    eps = m.__dict__.get("eps")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return False
+    return all(name in _FROZEN_CHILDREN for name in m._modules)
+
+
+def is_site_module(m: nn.Module) -> bool:
+    """A module that is a site: a torch BatchNorm or a frozen BatchNorm."""
+    return isinstance(m, _BatchNorm) or is_frozen_batchnorm(m)
+
+
+def site_features(m: nn.Module) -> int:
+    """The channels a site module normalizes."""
+    if isinstance(m, _BatchNorm):
+        return int(m.num_features)
+    return int(m._buffers["running_mean"].numel())  # type: ignore[union-attr]
 
 
 def qualname(obj: Any) -> str:
@@ -93,7 +142,7 @@ _PLAIN_ARGUMENTS = frozenset((int, float, bool, str, complex, type(None), type(.
 
 
 class NormswapTracer(fx.Tracer):
-    """fx tracer that keeps every BatchNorm (and timm's registered no-trace modules) as a leaf, and
+    """fx tracer that keeps every site module (and timm's registered no-trace modules) as a leaf, and
     wraps timm's no-trace functions, so ``BatchNormAct2d`` stays one call_module node instead of
     dissolving into a functional call."""
 
@@ -122,7 +171,7 @@ class NormswapTracer(fx.Tracer):
 
         Everything else is fx's, in fx's order; the graphs are the same (see tests).
         """
-        own = _OWN_TRACE and concrete_args is None and isinstance(root, nn.Module)
+        own = _OWN_TRACE and isinstance(root, nn.Module)
         named = list(root.named_modules()) if own else []  # type: ignore[union-attr]
         classes = _module_classes(root, named) if own else None
         if classes is None:
@@ -131,12 +180,13 @@ class NormswapTracer(fx.Tracer):
         was_tracing = _st._get_is_fx_tracing()
         _st._set_is_fx_tracing(True)
         try:
-            return self._trace_module(root, classes, named)
+            return self._trace_module(root, classes, named, concrete_args)
         finally:
             _st._set_is_fx_tracing(was_tracing)
 
     def _trace_module(
-        self, root: nn.Module, classes: list[type[nn.Module]], named: list[tuple[str, nn.Module]]
+        self, root: nn.Module, classes: list[type[nn.Module]], named: list[tuple[str, nn.Module]],
+        concrete_args: dict[str, Any] | None = None,
     ) -> fx.Graph:
         from torch.fx._lazy_graph_module import _LazyGraphModule
 
@@ -152,7 +202,7 @@ class NormswapTracer(fx.Tracer):
         }
         self.tensor_attrs = _TensorAttributes(root)
         fn_globals = fn.__globals__  # before it is patched
-        fn, args = self.create_args_for_root(fn, True, None)
+        fn, args = self.create_args_for_root(fn, True, concrete_args)
         parameter_proxy_cache: dict[str, fx.Proxy] = {}
 
         def module_getattr_wrapper(mod: nn.Module, attr: str) -> Any:
@@ -163,7 +213,7 @@ class NormswapTracer(fx.Tracer):
                 return _st._orig_module_call(mod, *args, **kwargs)
 
             forward_globals = getattr(getattr(mod, "forward", mod), "__globals__", {})
-            _st._autowrap_check(patcher, forward_globals, self._autowrap_function_ids)
+            _autowrap_check(patcher, forward_globals, self._autowrap_function_ids)
             return self.call_module(mod, forward, args, kwargs)
 
         with _st._new_patcher() as patcher:
@@ -172,16 +222,16 @@ class NormswapTracer(fx.Tracer):
                     patcher.patches_made.append(_PatchedClassAttribute(cls, name, None, wrapper))
                     patcher.patches_made[-1].patch()
             _st._patch_wrapped_functions(patcher)
-            _st._autowrap_check(patcher, fn_globals, self._autowrap_function_ids)
+            _autowrap_check(patcher, fn_globals, self._autowrap_function_ids)
             for module in self._autowrap_search:
-                _st._autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
+                _autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
             ann = inspect.get_annotations(inspect.unwrap(fn))
             self.create_node("output", "output", (self.create_arg(fn(*args)),), {}, type_expr=ann.get("return"))
         self.submodule_paths = None
         return self.graph
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _BatchNorm) or (self._leaf_types and isinstance(m, self._leaf_types)):
+        if is_site_module(m) or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -264,10 +314,28 @@ class NormswapTracer(fx.Tracer):
 
 _FX_TRACE_INTERNALS = ("_get_is_fx_tracing", "_set_is_fx_tracing", "_orig_module_call", "_orig_module_getattr",
                        "_autowrap_check", "_new_patcher", "_patch_wrapped_functions", "_PatchedFn",
-                       "_constant_attribute_types")
+                       "_constant_attribute_types", "_create_wrapped_func")
 _OWN_TRACE = all(hasattr(_st, name) for name in _FX_TRACE_INTERNALS) and all(
     hasattr(fx.Tracer(), a) for a in ("_autowrap_search", "_autowrap_function_ids", "traced_func_name")
 )
+
+
+_WRAPPERS: dict[int, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # id(function) -> (function, wrapper)
+
+
+def _autowrap_check(patcher: Any, frame_dict: dict[str, Any], function_ids: set[int]) -> None:
+    """fx's ``_autowrap_check`` (wrap the functions fx records as calls, ``math.sqrt`` and timm's
+    no-trace functions, wherever traced code finds them), with each wrapper made once per function
+    instead of once per trace: fx's re-wraps all of ``math`` at every trace, 3 ms, more than tracing a
+    small block costs, and tracing by parts traces many. A wrapper holds nothing but its function
+    (the tracer is found from the proxies it is called with), so reusing it changes nothing."""
+    if patcher.visit_once(frame_dict):
+        for name, value in frame_dict.items():
+            if not name.startswith("_") and callable(value) and id(value) in function_ids:
+                known = _WRAPPERS.get(id(value))
+                if known is None or known[0] is not value:
+                    known = _WRAPPERS[id(value)] = (value, _st._create_wrapped_func(value))
+                patcher.patch(frame_dict, name, known[1])
 
 
 def _module_classes(root: nn.Module, named: list[tuple[str, nn.Module]]) -> list[type[nn.Module]] | None:
@@ -537,10 +605,52 @@ class Discovery:
     graph: fx.Graph | None
     trace_error: str | None
     input_shapes: tuple[tuple[int, ...], ...] = field(default_factory=tuple)
+    parts: tuple[Part, ...] = ()  # where the whole model did not trace: the submodules that did
 
     @property
     def trace(self) -> str:
-        return "fx" if self.graph is not None else "eager"
+        """fx: the whole model traced; parts: some submodules traced (:func:`trace_parts`); eager: none."""
+        if self.graph is not None:
+            return "fx"
+        return "parts" if self.parts else "eager"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A submodule traced on its own because the whole model did not trace. Its graph's
+    ``call_module`` and ``get_attr`` targets are qualified with ``path``, so they are paths of the
+    whole model; ``calls`` is how often the forward pass ran the submodule."""
+
+    path: str
+    graph: fx.Graph
+    calls: int
+
+
+@dataclass
+class ModuleRuns:
+    """What the hooked forward pass saw of every module: how often each ran (by id) and the arguments
+    of its first call, for tracing it on its own, with every tensor replaced by fx's placeholder
+    ``fx.PH``: keeping each module's input alive to the end of the forward would keep the allocator
+    from reusing its memory, which made the forward half as slow again."""
+
+    calls: dict[int, int] = field(default_factory=dict)
+    first: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        key = id(module)
+        count = self.calls.get(key, 0)
+        self.calls[key] = count + 1
+        if not count:
+            self.first[key] = (tuple(_skeleton(a) for a in args), {k: _skeleton(v) for k, v in kwargs.items()})
+
+
+def _skeleton(value: Any) -> Any:
+    """``value`` with ``fx.PH`` for each tensor, in containers too; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return fx.PH
+    if isinstance(value, (list, tuple, dict)):
+        return torch.utils._pytree.tree_map(lambda v: fx.PH if isinstance(v, torch.Tensor) else v, value)
+    return value
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -593,16 +703,25 @@ def discover(
     index = ModuleIndex.of(model)
     _refuse_uninitialized(index)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
-    bn_modules = [(p, m) for p, m in index.unique if isinstance(m, _BatchNorm)]
+    bn_modules = [(p, m) for p, m in index.unique if is_site_module(m)]
+    parts: tuple[Part, ...] = ()
+    runs = ModuleRuns()
     with model_state_guard(model, modules=[m for _, m in index.unique]):
         graph, trace_error = _trace(model) if traced is None else (traced.graph, traced.trace_error)
-        node_index = _module_nodes(graph)
-        ran = shapes == "always" or _needs_forward(graph, bn_modules, node_index)
+        ran = shapes == "always" or _needs_forward(graph, bn_modules)
         if ran:
-            observed, functional_seen, eager_calls = _observe(model, graph, inputs, bn_modules)
+            # Without a whole graph, the forward pass also records every module's calls and first
+            # arguments: what tracing by parts, and checking what the parts show, need.
+            watch = graph is None and bool(bn_modules)
+            observed, functional_seen, eager_calls = _observe(model, graph, inputs, bn_modules,
+                                                              runs if watch else None, index)
         else:
-            observed, functional_seen, eager_calls = _from_graph(bn_modules, node_index)
-    sites = [_module_site(path, m, observed[id(m)], node_index, index, ran) for path, m in bn_modules]
+            observed, functional_seen, eager_calls = _from_graph(bn_modules, _module_nodes([graph]))
+        if graph is None and bn_modules:
+            parts = traced.parts if traced is not None else trace_parts(model, index, runs)
+    node_index = _module_nodes([graph] if graph is not None else [p.graph for p in parts])
+    context = _Context(node_index, index, ran, _part_of(parts), runs if graph is None else None)
+    sites = [_module_site(path, m, observed[id(m)], context) for path, m in bn_modules]
     if graph is not None:
         sites += [
             _functional_site(n, functional_seen.get(n.name, _Observed()), model, node_index, index)
@@ -613,7 +732,95 @@ def discover(
         sites += eager_calls
     others = [OtherNorm(p, qualname(m)) for p, m in index.unique if _is_other_norm(m)]
     shapes_seen = tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor))
-    return Discovery(sites, others, graph, trace_error, shapes_seen)
+    return Discovery(sites, others, graph, trace_error, shapes_seen, parts)
+
+
+def trace_parts(model: nn.Module, index: ModuleIndex, runs: ModuleRuns) -> tuple[Part, ...]:
+    """The largest submodules holding sites that trace on their own, outermost first.
+
+    One top-level statement fx cannot follow (a detector's ``if self.training``, a loop over the
+    images of a list) costs the whole model its graph, yet its backbone, neck and heads are mostly
+    plain modules. Each child of the model is traced; where it fails, its children are tried, and so
+    on down to the sites. A submodule whose arguments were containers of tensors (an FPN's dict of
+    feature maps, a head's list of levels) is traced with those containers unrolled as they were in
+    the forward pass (``runs``), the other arguments fixed to the values seen. A submodule that never
+    ran as a whole (a ModuleList, say) is not traced: its graph would not show how its children are
+    used. The part graphs are for learning context only; nothing runs them.
+    """
+    holders = _site_holders(index)
+    parts: list[Part] = []
+    seen: set[int] = set()
+
+    def visit(path: str, m: nn.Module) -> None:
+        if id(m) in seen or id(m) not in holders or is_site_module(m):
+            return
+        seen.add(id(m))
+        calls = runs.calls.get(id(m), 0)
+        graph = _trace_part(m, path, runs.first.get(id(m))) if calls else None
+        if graph is not None:
+            parts.append(Part(path, graph, calls))
+            return
+        for name, child in m._modules.items():
+            if child is not None:
+                visit(f"{path}.{name}", child)
+
+    for name, child in model._modules.items():
+        if child is not None:
+            visit(name, child)
+    return tuple(parts)
+
+
+def _site_holders(index: ModuleIndex) -> set[int]:
+    """Ids of the modules that hold a site somewhere below them."""
+    holders: set[int] = set()
+    for path, m in index.by_path.items():
+        if path and is_site_module(m):
+            parts = path.split(".")
+            for i in range(1, len(parts)):
+                holders.add(id(index.by_path[".".join(parts[:i])]))
+    return holders
+
+
+def _trace_part(m: nn.Module, path: str, first: tuple[tuple[Any, ...], dict[str, Any]] | None) -> fx.Graph | None:
+    """The part's graph, or None where it does not trace. Where the plain trace fails, the part is
+    traced once more as the forward pass called it: containers unrolled, non-tensor arguments fixed
+    (a flag such as ``output_hidden_states`` no longer stops the trace)."""
+    try:
+        graph = trace_graph(m)
+    except Exception:  # any failure: the part is split further
+        concrete = _concrete_args(m, first)
+        if concrete is None:
+            return None
+        try:
+            graph = NormswapTracer().trace(m, concrete)
+        except Exception:  # likewise
+            return None
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            node.target = f"{path}.{node.target}"
+    return graph
+
+
+def _concrete_args(m: nn.Module, first: tuple[tuple[Any, ...], dict[str, Any]] | None) -> dict[str, Any] | None:
+    """fx ``concrete_args`` for tracing ``m`` as it was first called (``first``, from
+    :class:`ModuleRuns`): containers of tensors unrolled (a placeholder per tensor), other non-tensor
+    arguments fixed; None where every argument is a tensor (a plain trace) or where the call cannot be
+    bound to ``forward``'s signature."""
+    if first is None:
+        return None
+    try:
+        bound = inspect.signature(m.forward).bind(*first[0], **first[1])
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    concrete: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            return None
+        if value is not fx.PH:  # a tensor stays a plain placeholder
+            concrete[name] = value
+    return concrete or None
 
 
 def _trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
@@ -629,12 +836,15 @@ _FIXED_RANK = ((nn.BatchNorm2d, "image"), (nn.BatchNorm3d, "volume"))
 
 
 def _fixed_layout(m: nn.Module) -> str | None:
-    return next((layout for cls, layout in _FIXED_RANK if isinstance(m, cls)), None)
+    fixed = next((layout for cls, layout in _FIXED_RANK if isinstance(m, cls)), None)
+    if fixed is None and is_frozen_batchnorm(m):
+        # torchvision's and timm's FrozenBatchNorm2d reshape to (1, C, 1, 1): 4-d only, like BatchNorm2d.
+        name = type(m).__name__
+        fixed = "image" if name.endswith("2d") else "volume" if name.endswith("3d") else None
+    return fixed
 
 
-def _needs_forward(
-    graph: fx.Graph | None, bn_modules: list[tuple[str, nn.Module]], node_index: dict[str, list[fx.Node]]
-) -> bool:
+def _needs_forward(graph: fx.Graph | None, bn_modules: list[tuple[str, nn.Module]]) -> bool:
     """Whether discovery must run the model. A BatchNorm2d/3d inside a leaf module is not in the graph,
     but its class fixes its layout; the forward would only add its call count. A BatchNorm1d takes
     (N, C) and (N, C, L): its layout is guessed ("features", marked inferred) and the planner asks for
@@ -654,7 +864,8 @@ Observation = tuple[dict[int, "_Observed"], dict[str, "_Observed"], list[Site]]
 
 
 def _observe(
-    model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any], bn_modules: list[tuple[str, nn.Module]]
+    model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any], bn_modules: list[tuple[str, nn.Module]],
+    runs: ModuleRuns | None = None, index: ModuleIndex | None = None,
 ) -> Observation:
     """Run the forward pass with the recording hooks.
 
@@ -662,12 +873,15 @@ def _observe(
     cannot run on one sample per channel; a failing batch-1 example is retried repeated to two samples.
     """
     try:
-        return _observe_once(model, graph, inputs, bn_modules)
+        return _observe_once(model, graph, inputs, bn_modules, runs, index)
     except Exception as first:
         doubled = _as_batch_of_two(inputs)
         if doubled is not None:
             try:
-                return _observe_once(model, graph, doubled, bn_modules)
+                if runs is not None:
+                    runs.calls.clear()
+                    runs.first.clear()
+                return _observe_once(model, graph, doubled, bn_modules, runs, index)
             except Exception:  # report the failure on the inputs the user gave
                 pass
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
@@ -679,11 +893,13 @@ def _observe(
 
 
 def _observe_once(
-    model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any], bn_modules: list[tuple[str, nn.Module]]
+    model: nn.Module, graph: fx.Graph | None, inputs: Sequence[Any], bn_modules: list[tuple[str, nn.Module]],
+    runs: ModuleRuns | None = None, index: ModuleIndex | None = None,
 ) -> Observation:
     observed = {id(m): _Observed() for _, m in bn_modules}
     handles = [m.register_forward_pre_hook(_recording_hook(observed[id(m)])) for _, m in bn_modules]
-    eager_calls = _EagerFunctionalCalls(model) if graph is None else None
+    modules = index.unique if index is not None else None
+    eager_calls = _EagerFunctionalCalls(model, runs, modules) if graph is None else None
     try:
         if eager_calls is None:
             functional_seen = _run_forward(model, graph, inputs)
@@ -700,28 +916,45 @@ class _EagerFunctionalCalls(TorchFunctionMode):
     """Without a graph, functional ``batch_norm`` calls are still seen at run time: a torch-function
     mode notes every call made outside a BatchNorm module, with the module it was made in. Such a site
     cannot be rewritten (that needs the graph), but the plan shows it and recipes that promise no
-    BatchNorm refuse to pretend otherwise."""
+    BatchNorm refuse to pretend otherwise. The same hooks count module calls into ``runs``, where
+    given (one hook per module instead of two: hooks are most of what a small model's forward costs
+    here)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self, model: nn.Module, runs: ModuleRuns | None = None, modules: list[tuple[str, nn.Module]] | None = None
+    ) -> None:
         super().__init__()
         self.model = model
+        self.runs = runs
+        self.modules = modules  # the model's (path, module) pairs, each module once, where the caller has them
         self.stack: list[tuple[str, bool]] = []
         self.sites: list[Site] = []
         self.handles: list[Any] = []
 
     def __enter__(self) -> _EagerFunctionalCalls:
-        def push(path: str, is_bn: bool) -> Callable[..., None]:
-            def hook(*_: Any) -> None:
-                self.stack.append((path, is_bn))
+        runs = self.runs
 
-            return hook
+        def push(path: str, is_bn: bool) -> Callable[..., None]:
+            entry = (path, is_bn)
+            if runs is None:
+                def hook(*_: Any) -> None:
+                    self.stack.append(entry)
+
+                return hook
+
+            def counting(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self.stack.append(entry)
+                runs.hook(module, args, kwargs)
+
+            return counting
 
         def pop(*_: Any) -> None:  # a forward hook that returned a value would replace the output
             if self.stack:
                 self.stack.pop()
 
-        for path, m in self.model.named_modules():
-            self.handles.append(m.register_forward_pre_hook(push(path, isinstance(m, _BatchNorm))))
+        for path, m in self.modules if self.modules is not None else self.model.named_modules():
+            hook = push(path, is_site_module(m))
+            self.handles.append(m.register_forward_pre_hook(hook, with_kwargs=runs is not None))
             self.handles.append(m.register_forward_hook(pop))
         return super().__enter__()
 
@@ -762,7 +995,7 @@ def _refuse_uninitialized(index: ModuleIndex) -> None:
 
 
 def _is_other_norm(m: nn.Module) -> bool:
-    if isinstance(m, _BatchNorm):
+    if is_site_module(m):
         return False
     return isinstance(m, _OTHER_NORM_TYPES) or _OTHER_NORM_NAME.search(type(m).__name__) is not None
 
@@ -793,13 +1026,31 @@ def _as_batch_of_two(inputs: Sequence[Any]) -> tuple[Any, ...] | None:
     return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
-def _module_nodes(graph: fx.Graph | None) -> dict[str, list[fx.Node]]:
+def _module_nodes(graphs: Sequence[fx.Graph | None]) -> dict[str, list[fx.Node]]:
+    """call_module nodes by module path, over the whole graph or the parts' (whose targets are full paths)."""
     index: dict[str, list[fx.Node]] = {}
-    if graph is not None:
-        for n in graph.nodes:
-            if n.op == "call_module":
-                index.setdefault(str(n.target), []).append(n)
+    for graph in graphs:
+        if graph is not None:
+            for n in graph.nodes:
+                if n.op == "call_module":
+                    index.setdefault(str(n.target), []).append(n)
     return index
+
+
+def _part_of(parts: Sequence[Part]) -> dict[int, Part]:
+    """Each part by the id of its graph, so a node's part is ``_part_of(parts)[id(node.graph)]``."""
+    return {id(p.graph): p for p in parts}
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What discovery learned of the model as a whole, for building each site."""
+
+    module_nodes: dict[str, list[fx.Node]]
+    modules: ModuleIndex
+    ran: bool
+    parts: dict[int, Part]  # by id of its graph; empty where the whole model traced
+    runs: ModuleRuns | None  # module calls seen by the forward pass, where the whole model did not trace
 
 
 def describe_node(node: fx.Node, modules: ModuleIndex) -> tuple[str, str | None]:
@@ -822,8 +1073,9 @@ class _Structure:
 
 
 def _structure(nodes: list[fx.Node], modules: ModuleIndex, module_nodes: dict[str, list[fx.Node]]) -> _Structure:
-    """Producer, its class, whether it is called once and feeds only this site, the channels it could
-    take a folded BatchNorm for, and the consumers."""
+    """Producer, its class, whether it feeds only this site (every call of one, every call of the
+    other: a head shared across feature levels folds as well as a block called once), the channels
+    it could take a folded BatchNorm for, and the consumers."""
     from .transfer import foldable_out_channels
 
     if not nodes:
@@ -834,10 +1086,35 @@ def _structure(nodes: list[fx.Node], modules: ModuleIndex, module_nodes: dict[st
     if not isinstance(source, fx.Node):
         return _Structure(consumers=consumers)
     producer, producer_cls = describe_node(source, modules)
-    called_once = source.op != "call_module" or len(module_nodes.get(str(source.target), [])) == 1
-    exclusive = len(nodes) == 1 and len(source.users) == 1 and called_once
+    sources = [n.args[0] if n.args else None for n in nodes]
+    if source.op == "call_module":
+        calls = module_nodes.get(str(source.target), [])
+        exclusive = (
+            all(isinstance(s, fx.Node) and s.op == "call_module" and s.target == source.target for s in sources)
+            and len(set(sources)) == len(sources) == len(calls)
+            and all(len(s.users) == 1 for s in sources)  # type: ignore[union-attr]
+        )
+    else:
+        exclusive = len(nodes) == 1 and len(source.users) == 1
     channels = foldable_out_channels(modules.by_path[str(source.target)]) if source.op == "call_module" else None
     return _Structure(producer, producer_cls, exclusive, channels, consumers)
+
+
+def _runs_agree(st: _Structure, m: nn.Module, nodes: list[fx.Node], context: _Context) -> bool:
+    """For a site learned in a part: the part's graph shows every call of the site and its producer
+    (neither is also called from code outside the part), as the forward pass counted them."""
+    part = context.parts.get(id(nodes[0].graph))
+    runs = context.runs
+    if part is None or runs is None or st.producer is None:
+        return part is None
+    producer = context.modules.by_path.get(st.producer)
+    if producer is None:
+        return False
+    producer_nodes = context.module_nodes.get(st.producer, [])
+    return (
+        runs.calls.get(id(m), 0) == part.calls * len(nodes)
+        and runs.calls.get(id(producer), 0) == part.calls * len(producer_nodes)
+    )
 
 
 def _layout(shape: tuple[int, ...] | None, module: nn.Module | None) -> tuple[str, bool]:
@@ -853,26 +1130,28 @@ def _layout(shape: tuple[int, ...] | None, module: nn.Module | None) -> tuple[st
     return "unknown", True
 
 
-def _module_site(
-    path: str, m: _BatchNorm, obs: _Observed, module_nodes: dict[str, list[fx.Node]], modules: ModuleIndex,
-    ran: bool,
-) -> Site:
-    nodes = module_nodes.get(path, [])
-    st = _structure(nodes, modules, module_nodes)
+def _module_site(path: str, m: nn.Module, obs: _Observed, context: _Context) -> Site:
+    modules = context.modules
+    nodes = context.module_nodes.get(path, [])
+    st = _structure(nodes, modules, context.module_nodes)
+    if nodes and st.exclusive and not _runs_agree(st, m, nodes, context):
+        st = dataclasses.replace(st, exclusive=False)
+    part = context.parts.get(id(nodes[0].graph)) if nodes else None
     layout, inferred = _layout(obs.shape, m)
-    learned = _learned_by(bool(nodes), obs.calls, ran)
+    learned = _learned_by(bool(nodes), obs.calls, context.ran, part)
     state = next((t for t in (m.weight, m.running_mean) if isinstance(t, torch.Tensor)), None)
     dtype = obs.dtype or (str(state.dtype).replace("torch.", "") if state is not None else "float32")
+    frozen = not isinstance(m, _BatchNorm)
     return Site(
         path=path,
         kind="module",
         cls=qualname(m),
-        num_features=_num_features(m),
-        affine=bool(m.affine),
-        track_running_stats=bool(m.track_running_stats),
+        num_features=site_features(m),
+        affine=True if frozen else bool(m.affine),
+        track_running_stats=False if frozen else bool(m.track_running_stats),
         has_running_stats=m.running_mean is not None and m.running_var is not None,
         eps=float(m.eps),
-        momentum=m.momentum,
+        momentum=None if frozen else m.momentum,
         has_act=isinstance(getattr(m, "act", None), nn.Module),
         input_shape=obs.shape,
         layout=layout,
@@ -882,26 +1161,31 @@ def _module_site(
         producer=st.producer,
         producer_cls=st.producer_cls,
         producer_exclusive=st.exclusive,
-        producer_foldable=st.foldable_channels == m.num_features,
+        producer_foldable=st.foldable_channels == site_features(m),
         consumers=st.consumers,
         call_count=obs.calls,
         learned_by=learned,
         aliases=tuple(p for p in modules.aliases[id(m)] if p != path),
-        mro=tuple(qualname(c) for c in type(m).__mro__ if issubclass(c, _BatchNorm)),
+        mro=tuple(qualname(c) for c in type(m).__mro__ if _own_norm_class(c, frozen)),
+        frozen=frozen,
     )
 
 
-def _learned_by(in_graph: bool, calls: int, ran: bool) -> str:
+def _own_norm_class(cls: type, frozen: bool) -> bool:
+    """The classes recipes' ``classes`` match on: a BatchNorm's up to _BatchNorm, a frozen layer's up
+    to (not including) nn.Module."""
+    if frozen:
+        return issubclass(cls, nn.Module) and cls is not nn.Module
+    return issubclass(cls, _BatchNorm)
+
+
+def _learned_by(in_graph: bool, calls: int, ran: bool, part: Part | None = None) -> str:
     if in_graph:
-        return "fx"
+        return f"fx:{part.path}" if part is not None else "fx"
     if calls:
         return "eager"
     # Only a module whose class fixes or bounds its layout is left unobserved (see _needs_forward).
     return "none" if ran else "class"
-
-
-def _num_features(m: _BatchNorm) -> int:
-    return int(m.num_features)
 
 
 def _functional_site(

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .cloning import shallow_copy
-from .tracing import functional_arguments, resolve_attr
+from .tracing import functional_arguments, resolve_attr, site_features
 
 TRANSFERS = ("auto", "statistics", "standardize", "affine", "none")
 R = TypeVar("R")
@@ -49,22 +49,28 @@ class NormState:
         return self.running_mean is not None and self.running_var is not None
 
     @classmethod
-    def from_module(cls, m: _BatchNorm) -> NormState:
+    def from_module(cls, m: nn.Module) -> NormState:
+        """A BatchNorm module's numbers, or a frozen BatchNorm's (``tracing.is_frozen_batchnorm``),
+        whose weight and bias are buffers."""
         # Read from the tables nn.Module keeps them in: attribute access goes through its __getattr__,
         # a third of this for the hundred-odd sites of a small network.
         params, buffers, children = m._parameters, m._buffers, m._modules
-        weight, running_mean = params.get("weight"), buffers.get("running_mean")
+        frozen = not isinstance(m, _BatchNorm)
+        affine = buffers if frozen else params
+        weight, running_mean = affine.get("weight"), buffers.get("running_mean")
         ref = weight if weight is not None else running_mean
         act, drop = children.get("act"), children.get("drop")
         return cls(
-            num_features=int(m.num_features),
+            num_features=site_features(m),
             weight=_data(weight),
-            bias=_data(params.get("bias")),
+            bias=_data(affine.get("bias")),
             running_mean=_data(running_mean),
             running_var=_data(buffers.get("running_var")),
             eps=float(m.eps),
             training=m.training,
-            requires_grad=bool(weight is not None and weight.requires_grad),
+            # A frozen layer's affine is fixed by its kind, not by a choice to stop training it: the
+            # layer that replaces it (GroupNorm for training at batch 2, say) trains like any other.
+            requires_grad=frozen or bool(weight is not None and weight.requires_grad),
             device=ref.device if ref is not None else torch.device("cpu"),
             dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32,
             act=act if isinstance(act, nn.Module) else _plain_module(m, "act"),
@@ -337,8 +343,10 @@ def _fused(producer: nn.Module, scale: torch.Tensor, bias: torch.Tensor) -> nn.M
     shape[out_dim] = -1
     with torch.no_grad():
         weight = old.detach().to(compute) * scale.to(compute).view(shape)
-        # empty_like keeps the original weight's memory format (channels-last convs stay channels-last).
-        fused.weight = nn.Parameter(torch.empty_like(old).copy_(weight), requires_grad=old.requires_grad)
+        if weight.dtype != old.dtype or weight.stride() != old.stride():
+            # empty_like keeps the original weight's memory format (channels-last convs stay channels-last).
+            weight = torch.empty_like(old).copy_(weight)
+        fused.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
     # copy: ``bias`` is a view into all sites' factors
     fused.bias = nn.Parameter(bias.to(old.dtype, copy=True), requires_grad=old.requires_grad)
     return fused

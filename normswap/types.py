@@ -86,13 +86,21 @@ class Site:
     producer_foldable: bool
     consumers: tuple[str, ...]
     call_count: int
-    # fx: a node of the trace; eager: seen called by a forward hook (inside a leaf module, or the model
-    # did not trace); class: inside a leaf module, its class fixing the layout, so no forward pass ran
-    # to see it called; none: never seen called.
-    learned_by: Literal["fx", "eager", "class", "none"]
+    # fx: a node of the whole model's trace; fx:<path>: a node of the trace of the submodule at <path>,
+    # traced on its own because the whole model did not trace (tracing.trace_parts); eager: seen called
+    # by a forward hook only (inside a leaf module, or outside every traced part); class: inside a leaf
+    # module, its class fixing the layout, so no forward pass ran to see it called; none: never seen.
+    learned_by: str
     node: str | None = None
     aliases: tuple[str, ...] = ()
     mro: tuple[str, ...] = ()
+    # A frozen BatchNorm layer (tracing.is_frozen_batchnorm): fixed statistics in buffers, nothing trained.
+    frozen: bool = False
+
+    @property
+    def traced(self) -> bool:
+        """Whether the site's producer and consumers come from a graph (the whole model's or a part's)."""
+        return self.learned_by == "fx" or self.learned_by.startswith("fx:")
 
     @property
     def short_cls(self) -> str:
