@@ -1,6 +1,7 @@
 """Output-drift validation: how much a conversion changed what the network computes, and where.
 
-One pass over the inputs compares the final outputs leaf by leaf and, at every converted site, the
+One pass over the inputs compares the final outputs leaf by leaf (``normswap.outputs``: leaves whose
+shape changed become findings, detection records are matched box by box) and, at every converted site, the
 activation after the site (cumulative drift, against the original model's activation at the same
 path) and the site's own error (local drift: the converted layer, with the conv/linear that feeds only
 it, against the original ones on the same input). Statistics are streamed, so memory stays bounded:
@@ -22,13 +23,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cloning import clone_model
-from .checks import batch_dependence, count_parameters, first_tensor
+from .checks import (
+    BatchDependence,
+    NotMeasurable,
+    count_parameters,
+    first_tensor,
+    measure_batch_dependence,
+    seeded,
+    train_mode_forward,
+)
 from .data import InputSet, call_model, load_inputs
 from .distributed import mean_over_ranks
 from .errors import DataError, NormswapError
 from .progress import progress_bar
 from .tracing import model_state_guard
-from .types import DriftReport, ModelStats, OutputDrift, Plan, Site, SiteDrift
+from .outputs import OutputComparison, Stream, agreeing_leaves, is_class_scores, leaves, output_leaves
+from .types import DriftReport, ModelStats, OutputDrift, OutputFinding, Plan, Site, SiteDrift
 
 DEFAULT_ACTIVATION_BUDGET = 1 << 30
 
@@ -43,96 +53,23 @@ class ValidationFailed(NormswapError):
         self.report = report
 
 
-@dataclass
-class _Stream:
-    """Running sums for relative L2, per-sample cosine and max abs error between two tensors."""
-
-    diff_sq: float = 0.0
-    ref_sq: float = 0.0
-    cos_sum: float = 0.0
-    samples: int = 0
-    max_abs: float = 0.0
-    calls: int = 0
-
-    def add(self, ref: torch.Tensor, new: torch.Tensor) -> None:
-        a = ref.detach().double().reshape(ref.shape[0], -1) if ref.ndim > 1 else ref.detach().double()[None]
-        b = new.detach().double().reshape(a.shape)
-        self.diff_sq += float((a - b).pow(2).sum())
-        self.ref_sq += float(a.pow(2).sum())
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
-        # Two all-zero samples (a zero-initialised gamma, say) are identical, not orthogonal.
-        both_zero = (a.abs().amax(1) == 0) & (b.abs().amax(1) == 0)
-        self.cos_sum += float(torch.where(both_zero, torch.ones_like(cos), cos).sum())
-        self.samples += a.shape[0]
-        self.max_abs = max(self.max_abs, float((a - b).abs().max()) if a.numel() else 0.0)
-        self.calls += 1
-
-    @property
-    def relative_l2(self) -> float | None:
-        """None where undefined: the original is all zeros and the converted is not."""
-        if self.ref_sq > 0:
-            return (self.diff_sq / self.ref_sq) ** 0.5
-        return 0.0 if self.diff_sq == 0 else None
-
-    @property
-    def cosine(self) -> float | None:
-        return self.cos_sum / self.samples if self.samples else None
-
-
-@dataclass
-class _OutputStream(_Stream):
-    shape: tuple[int, ...] = ()
-    top1: float = 0.0
-    top5: float = 0.0
-    kl: float = 0.0
-    classifier: bool = False
-
-    def add(self, ref: torch.Tensor, new: torch.Tensor) -> None:
-        super().add(ref, new)
-        self.shape = tuple(ref.shape)
-        self.classifier = ref.ndim == 2 and ref.shape[1] > 1
-        if self.classifier:
-            a, b = ref.detach().double(), new.detach().double()
-            self.top1 += float((a.argmax(1) == b.argmax(1)).sum())
-            k = min(5, b.shape[1])
-            self.top5 += float((b.topk(k, dim=1).indices == a.argmax(1, keepdim=True)).any(1).sum())
-            log_p, log_q = a.log_softmax(1), b.log_softmax(1)
-            self.kl += float((log_p.exp() * (log_p - log_q)).sum())
-
-    def result(self, name: str) -> OutputDrift:
-        extra = {}
-        if self.classifier and self.samples:
-            extra = {
-                "top1_agreement": self.top1 / self.samples,
-                "top5_agreement": self.top5 / self.samples,
-                "kl_divergence": self.kl / self.samples,
-            }
-        return OutputDrift(name, self.shape, self.relative_l2, self.cosine, self.max_abs, **extra)
-
-
-def output_leaves(output: Any, name: str = "output") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in a model output (tuple, list, dict, timm features_only lists), named by path."""
-    if isinstance(output, torch.Tensor):
-        yield name, output
-    elif isinstance(output, dict):
-        for key, value in output.items():
-            yield from output_leaves(value, f"{name}[{key!r}]")
-    elif isinstance(output, (list, tuple)):
-        for i, value in enumerate(output):
-            yield from output_leaves(value, f"{name}[{i}]")
-
-
 def output_error(converted: nn.Module, batches: list[Any], references: list[Any]) -> float:
-    """Mean over output leaves and batches: KL(original ‖ converted) for classifier logits (what
-    top-1 agreement follows), relative L2 for anything else. Under ``torchrun`` it is a collective
+    """Mean over output leaves and batches: KL(original ‖ converted) for class-score leaves (what
+    top-1 agreement follows; :func:`normswap.outputs.is_class_scores`), relative L2 for anything else;
+    leaves whose shape changed or that are empty are left out. Under ``torchrun`` it is a collective
     call, the mean over the ranks weighted by their samples: the never-worse checks of calibration and
     recovery that decide by it then decide alike on every rank."""
     terms = []
     for batch, reference in zip(batches, references, strict=True):
         output = call_model(converted, batch)
-        for (_, ref), (_, out) in zip(output_leaves(reference), output_leaves(output), strict=True):
-            ref, out = ref.float(), out.float()
-            if ref.ndim == 2 and ref.shape[1] > 1:
+        samples = int(batch[0].shape[0])
+        produced = dict(output_leaves(output))
+        for leaf in leaves(reference):
+            out = produced.get(leaf.name)
+            if out is None or out.shape != leaf.tensor.shape or out.numel() == 0:
+                continue
+            ref, out = leaf.tensor.float(), out.float()
+            if is_class_scores(leaf, samples):
                 terms.append(float(F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
                                             reduction="batchmean")))
             else:
@@ -214,8 +151,8 @@ def _hooks(pairs: Sequence[tuple[nn.Module, Callable[..., Any], bool]]) -> Itera
 
 @dataclass
 class _SiteStreams:
-    local: dict[str, _Stream] = field(default_factory=dict)
-    cumulative: dict[str, _Stream] = field(default_factory=dict)
+    local: dict[str, Stream] = field(default_factory=dict)
+    cumulative: dict[str, Stream] = field(default_factory=dict)
     order: dict[str, int] = field(default_factory=dict)
 
 
@@ -236,7 +173,7 @@ class _DriftRun:
 
     def __init__(self, original: nn.Module, converted: nn.Module, specs: list[_SiteSpec], budget: int) -> None:
         self.original, self.converted, self.specs, self.budget = original, converted, specs, budget
-        self.outputs: dict[str, _OutputStream] = {}
+        self.outputs = OutputComparison()
         self.sites = _SiteStreams()
 
     def batch(self, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -248,7 +185,7 @@ class _DriftRun:
             with _hooks(self._converted_hooks(group, stored, local=index == 0)):
                 new = call_model(self.converted, inputs)
             if index == 0:
-                self._compare_outputs(ref, new)
+                self._compare_outputs(ref, new, int(inputs[0].shape[0]))
 
     def _original_hooks(self, group: list[_SiteSpec], stored: dict[str, list[torch.Tensor]]) -> list[Any]:
         def keep(path: str) -> Callable[..., None]:
@@ -280,7 +217,7 @@ class _DriftRun:
             refs = stored.get(spec.path, [])
             i = next(calls)
             if i < len(refs):
-                self.sites.cumulative.setdefault(spec.path, _Stream()).add(refs[i], first_tensor(out))
+                self.sites.cumulative.setdefault(spec.path, Stream()).add(refs[i], first_tensor(out))
 
         return hook
 
@@ -299,21 +236,12 @@ class _DriftRun:
             y = originals[spec.chain[0]](*args)
             for path in spec.chain[1:]:
                 y = originals[path](y)
-            self.sites.local.setdefault(spec.path, _Stream()).add(first_tensor(y), first_tensor(out))
+            self.sites.local.setdefault(spec.path, Stream()).add(first_tensor(y), first_tensor(out))
 
         return hook
 
-    def _compare_outputs(self, ref: Any, new: Any) -> None:
-        ref_leaves, new_leaves = list(output_leaves(ref)), list(output_leaves(new))
-        if [n for n, _ in ref_leaves] != [n for n, _ in new_leaves]:
-            raise NormswapError(
-                "the converted model's output structure differs from the original's: "
-                f"{[n for n, _ in ref_leaves][:5]} vs {[n for n, _ in new_leaves][:5]}."
-            )
-        for (name, a), (_, b) in zip(ref_leaves, new_leaves, strict=True):
-            if a.shape != b.shape:
-                raise NormswapError(f"{name}: output shape changed from {tuple(a.shape)} to {tuple(b.shape)}.")
-            self.outputs.setdefault(name, _OutputStream()).add(a, b)
+    def _compare_outputs(self, ref: Any, new: Any, samples: int) -> None:
+        self.outputs.add(ref, new, samples)
 
     def site_results(self) -> tuple[SiteDrift, ...]:
         results = []
@@ -392,34 +320,64 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 def train_eval_gap(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float | None:
-    """Relative difference of train-mode and eval-mode outputs (0 for norms without running stats).
-    Runs on a copy so running statistics are not touched."""
+    """Relative difference of train-mode and eval-mode outputs (0 for norms without running stats);
+    :func:`measure_train_eval_gap` also says how it was measured. Runs on a copy so running statistics
+    are not touched."""
+    return measure_train_eval_gap(model, inputs)[0]
+
+
+def measure_train_eval_gap(model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0) -> tuple[float | None, str | None]:
+    """(gap, note): the relative L2 of train-mode against eval-mode outputs over the output leaves
+    whose name and shape agree in both modes. Where the structures differ (a detection head that
+    returns raw maps in train mode and decoded boxes in eval mode) the gap covers the agreeing leaves
+    and the note names the others; with none agreeing the gap is None. Modules whose train-mode
+    forward raises stay in eval mode (:func:`normswap.checks.train_mode_forward`), as the note says."""
     probe = clone_model(model)
-    with torch.no_grad():
+    with torch.no_grad(), seeded(seed, inputs[0].device) as reseed:
         try:
-            train = first_tensor(call_model(probe.train(), inputs)).double()
-        except Exception:  # BatchNorm cannot train on one value per channel: the gap is undefined
-            return None
-        evaluated = first_tensor(call_model(probe.eval(), inputs)).double()
-    return float((train - evaluated).norm() / evaluated.norm().clamp_min(1e-12))
+            train = train_mode_forward(probe, inputs, reseed)
+        except NotMeasurable as exc:  # BatchNorm cannot train on one value per channel, say
+            return None, f"not measurable: {exc}"
+        reseed()
+        evaluated = call_model(probe.eval(), inputs)
+    pairs, differ = agreeing_leaves(train.output, evaluated)
+    notes = [train.note] if train.note else []
+    if differ:
+        shown = "; ".join(differ[:3]) + (f"; … {len(differ) - 3} more" if len(differ) > 3 else "")
+        covered = f"the gap covers the {len(pairs)} leaves that agree" if pairs else "no leaf agrees: no gap"
+        notes.append(f"train-mode and eval-mode outputs differ in structure ({shown}); {covered}")
+    if not pairs:
+        return None, "; ".join(notes)
+    diff = sum(float((t.double() - e.double()).pow(2).sum()) for t, e in pairs)
+    ref = sum(float(e.double().pow(2).sum()) for _, e in pairs)
+    return diff**0.5 / max(ref**0.5, 1e-12), "; ".join(notes) or None
 
 
 def _model_stats(model: nn.Module, inputs: tuple[torch.Tensor, ...], measure: bool, repeats: int) -> ModelStats:
     params, buffers = count_parameters(model)
-    dependence = None
+    dependence = BatchDependence(None)
     if inputs[0].shape[0] >= 2 and len(inputs) == 1:
         try:
-            dependence = batch_dependence(model, inputs[0])
-        except Exception:  # a model that cannot run in train mode on this batch has no figure here
-            dependence = None
+            dependence = measure_batch_dependence(model, inputs[0])
+        except Exception as exc:  # a figure this report cannot give must not cost the conversion
+            dependence = BatchDependence(None, f"not measurable: {type(exc).__name__}: {_first_line(exc)}")
     with model_state_guard(model):
         latency = measure_latency(model, inputs, repeats) if measure else None
         peak = peak_forward_memory(model, inputs) if measure else None
-    return ModelStats(params, buffers, latency, peak, dependence)
+    return ModelStats(params, buffers, latency, peak, dependence.value, dependence.note)
 
 
-def _failures(outputs: Sequence[OutputDrift], max_drift: float | None, min_top1: float | None) -> list[str]:
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
+def _failures(outputs: Sequence[OutputDrift], findings: Sequence[OutputFinding], max_drift: float | None,
+              min_top1: float | None) -> list[str]:
     failures = []
+    if max_drift is not None:
+        # A leaf that could not be compared cannot be shown to stay under the threshold.
+        failures += [f"{f.name}: {f.message} (max drift {max_drift:g} cannot be checked)"
+                     for f in findings if f.kind != "empty"]
     for o in outputs:
         if max_drift is not None and (o.relative_l2 is None or o.relative_l2 > max_drift):
             shown = "undefined (original output is zero)" if o.relative_l2 is None else f"{o.relative_l2:.4g}"
@@ -427,7 +385,8 @@ def _failures(outputs: Sequence[OutputDrift], max_drift: float | None, min_top1:
         if min_top1 is not None and o.top1_agreement is not None and o.top1_agreement < min_top1:
             failures.append(f"{o.name}: top-1 agreement {o.top1_agreement:.4g} < {min_top1:g}")
     if min_top1 is not None and not any(o.top1_agreement is not None for o in outputs):
-        failures.append("min top-1 agreement was asked for, but no output is classifier-shaped (N×K)")
+        failures.append("min top-1 agreement was asked for, but no output leaf holds class scores (N×K, see "
+                        "docs/validation.md)")
     return failures
 
 
@@ -463,8 +422,9 @@ def validate(
             _check_batch(batch)
             run.batch(batch)
             advance()
-    outputs = tuple(stream.result(name) for name, stream in run.outputs.items())
+    outputs, findings = run.outputs.outputs(), run.outputs.findings()
     first = batches[0]
+    gap, gap_note = measure_train_eval_gap(converted, first) if first[0].shape[0] >= 2 else (None, None)
     report = DriftReport(
         input_source=data.source,
         input_description=data.description,
@@ -473,12 +433,15 @@ def validate(
         sites=run.site_results(),
         original=_model_stats(original, first, measure, repeats),
         converted=_model_stats(converted, first, measure, repeats),
-        train_eval_gap=train_eval_gap(converted, first) if first[0].shape[0] >= 2 else None,
+        train_eval_gap=gap,
         thresholds={
             k: v for k, v in (("max_drift", max_drift), ("min_top1_agreement", min_top1_agreement)) if v is not None
         },
-        failures=tuple(_failures(outputs, max_drift, min_top1_agreement)),
+        failures=tuple(_failures(outputs, findings, max_drift, min_top1_agreement)),
         warnings=data.warnings,
+        findings=findings,
+        detections=run.outputs.detection_results(),
+        train_eval_note=gap_note,
     )
     if strict and report.failures:
         raise ValidationFailed(report)

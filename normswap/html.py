@@ -75,12 +75,14 @@ def depth_plot(drift: DriftReport) -> str:
 
 
 def agreement_plot(drift: DriftReport) -> str:
-    """Bars for cosine and, for classifier outputs, top-1 and top-5 agreement, per output leaf."""
+    """Bars for cosine and, for class-score leaves, top-1 and top-5 agreement, per output leaf; for
+    detection records, the share of the original's detections matched."""
     bars = []
     for o in drift.outputs[:6]:
         bars.append((f"{o.name} cos", max(o.cosine or 0.0, 0.0)))
         if o.top1_agreement is not None:
             bars += [(f"{o.name} top-1", o.top1_agreement), (f"{o.name} top-5", o.top5_agreement or 0.0)]
+    bars += [(f"{d.name} matched", d.matched_share or 0.0) for d in drift.detections[:3]]
     row, width = 22, 500
     height = row * len(bars) + 10
     parts = [
@@ -113,6 +115,7 @@ def report_html(report: Report, plan: Plan | None = None) -> str:
             depth_plot(drift),
             "<h2>Output agreement</h2>",
             agreement_plot(drift),
+            *_findings_table(drift),
             "<h2>Sites</h2>",
             _site_table(drift),
         ]
@@ -145,3 +148,17 @@ def _site_table(drift: DriftReport) -> str:
     ]
     rows.append("</table>")
     return "".join(rows)
+
+
+def _findings_table(drift: DriftReport) -> list[str]:
+    if not drift.findings:
+        return []
+    rows = ["<h2>Output leaves not compared element by element</h2>",
+            "<table><tr><th>leaf</th><th>kind</th><th>original</th><th>converted</th><th>batches</th><th>what</th></tr>"]
+    rows += [
+        f"<tr><td>{escape(f.name)}</td><td>{escape(f.kind)}</td><td>{escape(str(f.original_shape))}</td>"
+        f"<td>{escape(str(f.converted_shape))}</td><td>{f.batches}</td><td>{escape(f.message)}</td></tr>"
+        for f in drift.findings
+    ]
+    rows.append("</table>")
+    return rows

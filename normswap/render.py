@@ -8,7 +8,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .types import BATCHNORM1D_LAYOUTS, DriftReport, OutputDrift, Plan, Report, Site
+from .types import BATCHNORM1D_LAYOUTS, DetectionDrift, DriftReport, OutputDrift, OutputFinding, Plan, Report, Site
 
 
 def plan_table(plan: Plan, max_rows: int | None = None, wide: bool = True) -> Table:
@@ -115,17 +115,62 @@ def output_line(o: OutputDrift) -> str:
     return line
 
 
+def finding_line(f: OutputFinding) -> str:
+    return f"{f.name}: {f.message}"
+
+
+def detection_line(d: DetectionDrift) -> str:
+    """What a detection user acts on: how many of the original's detections are found again, how
+    well they overlap, how far their scores moved."""
+    line = (f"detections {d.name}: {d.original_detections} → {d.converted_detections} over {d.images} images; "
+            f"matched {d.matched} (IoU ≥ {d.iou_threshold:g}, same label) = {pct(d.matched_share)} of the "
+            f"original's")
+    if d.matched:
+        line += f" · mean IoU {fmt(d.mean_iou, 3)} · mean |score diff| {fmt(d.mean_score_abs_diff, 3)}"
+    if d.images_compared < d.images:
+        line += f" · {d.images - d.images_compared} images with detections on one side only or neither"
+    return line
+
+
+def feature_line(drift: DriftReport) -> str | None:
+    """For detectors: where backbone/FPN feature drift is read (the per-site cumulative drift)."""
+    deepest = max((s for s in drift.sites if s.relative_l2 is not None), key=lambda s: s.order, default=None)
+    if not drift.detections or deepest is None:
+        return None
+    return (f"backbone/neck features: the per-site cumulative drift (sites table) is the feature drift; "
+            f"deepest converted site {deepest.path}: rel L2 {fmt(deepest.relative_l2, 3)}")
+
+
+MAX_FINDING_LINES = 4
+
+
 def drift_lines(drift: DriftReport) -> list[str]:
     """The drift figures as plain lines (terminal, Markdown)."""
     lines = [f"verdict: {drift.verdict.upper()} · inputs: {drift.input_description} ({drift.input_source})"]
     lines += [output_line(o) for o in drift.outputs[:4]]
     if len(drift.outputs) > 4:
         lines.append(f"… {len(drift.outputs) - 4} more output leaves (worst rel L2 {fmt(drift.worst_relative_l2)})")
+    if not drift.outputs:
+        lines.append("no output leaf kept its shape: nothing compared element by element (see below)")
+    lines += [finding_line(f) for f in drift.findings[:MAX_FINDING_LINES]]
+    if len(drift.findings) > MAX_FINDING_LINES:
+        kinds = sorted({f.kind for f in drift.findings[MAX_FINDING_LINES:]})
+        lines.append(f"… {len(drift.findings) - MAX_FINDING_LINES} more output leaves not compared "
+                     f"({', '.join(kinds)}; all in report.json)")
+    lines += [detection_line(d) for d in drift.detections]
+    features = feature_line(drift)
+    if features:
+        lines.append(features)
     o, c = drift.original, drift.converted
     lines.append(
         f"batch dependence (train, 0 = independent): {fmt(o.batch_dependence, 3)} → {fmt(c.batch_dependence, 3)}"
     )
+    for who, stats in (("original", o), ("converted", c)):
+        if stats.batch_dependence_note:
+            lines.append(f"  {who}: {stats.batch_dependence_note}")
     lines.append(f"train/eval gap of the converted model: {fmt(drift.train_eval_gap, 3)}")
+    if drift.train_eval_note:
+        lines.append(f"  {drift.train_eval_note}")
     lines.append(
         f"latency per batch: {ms(o.latency_s)} → {ms(c.latency_s)} · "
         f"peak forward memory: {size(o.peak_memory_bytes)} → {size(c.peak_memory_bytes)}"
@@ -217,6 +262,12 @@ def report_markdown(report: Report, plan: Plan | None = None) -> str:
     out = [f"# normswap report: {report.model_cls}", "", *[f"- {line}" for line in report_lines(report)], ""]
     if report.drift is not None:
         out += ["## Drift", "", *[f"- {line}" for line in drift_lines(report.drift)], ""]
+        if report.drift.findings:
+            out += ["### Output leaves not compared element by element", "",
+                    "| leaf | kind | original | converted | batches | what |", "|---|---|---|---|---|---|"]
+            out += [f"| {f.name} | {f.kind} | {f.original_shape} | {f.converted_shape} | {f.batches} | {f.message} |"
+                    for f in report.drift.findings]
+            out.append("")
         out += [
             "### Per site, in execution order",
             "",

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import PlanError, UnknownNameError, unknown_name
+from .errors import NormswapError, PlanError, UnknownNameError, unknown_name
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -293,9 +293,10 @@ REPORT_SCHEMA_VERSION = 1
 class OutputDrift:
     """Original vs converted at one output leaf (``output``, ``output[0]``, ``output['boxes']`` …).
 
+    Compared only where the leaf's shape agrees (:class:`OutputFinding` records where it does not).
     ``top5_agreement`` is the share of samples whose original top-1 class is among the converted
-    model's top 5; ``kl_divergence`` is KL(original softmax ‖ converted softmax), mean per sample. Both
-    only for classifier-shaped leaves (N×K, K > 1)."""
+    model's top 5; ``kl_divergence`` is KL(original softmax ‖ converted softmax), mean per sample, never
+    negative. All three only for class-score leaves (:func:`normswap.outputs.is_class_scores`)."""
 
     name: str
     shape: tuple[int, ...]
@@ -305,6 +306,49 @@ class OutputDrift:
     top1_agreement: float | None = None
     top5_agreement: float | None = None
     kl_divergence: float | None = None
+
+
+@dataclass(frozen=True)
+class OutputFinding:
+    """An output leaf that could not be compared element by element, and why. ``kind``: ``count``
+    (the leading dimension changed: how many boxes, say), ``shape`` (another dimension changed),
+    ``missing`` (only the original has it), ``added`` (only the converted model has it), ``empty``
+    (no elements on either side). ``batches``: in how many validation batches it happened."""
+
+    name: str
+    kind: str
+    original_shape: tuple[int, ...] | None
+    converted_shape: tuple[int, ...] | None
+    batches: int
+    message: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutputFinding:
+        values = dict(data)
+        for key in ("original_shape", "converted_shape"):
+            values[key] = tuple(values[key]) if values.get(key) is not None else None
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DetectionDrift:
+    """Detection records (dicts with K×4 ``boxes`` and K ``scores``, optional ``labels``) at one place of
+    the output, all images together (``name`` with list indices as ``[*]``). Per image the original's
+    detections, in falling score order, are greedily matched to the converted model's of the same
+    label at IoU ≥ ``iou_threshold``. ``matched_share``: matched / original detections;
+    ``mean_iou`` and ``mean_score_abs_diff`` over the matched pairs; ``images_compared``: images
+    where both sides have detections."""
+
+    name: str
+    images: int
+    images_compared: int
+    original_detections: int
+    converted_detections: int
+    matched: int
+    matched_share: float | None
+    mean_iou: float | None
+    mean_score_abs_diff: float | None
+    iou_threshold: float
 
 
 @dataclass(frozen=True)
@@ -334,6 +378,8 @@ class ModelStats:
     latency_s: float | None
     peak_memory_bytes: int | None
     batch_dependence: float | None
+    # How batch_dependence was measured where it is not plain train mode, or why it is missing.
+    batch_dependence_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -351,6 +397,10 @@ class DriftReport:
     thresholds: Mapping[str, float]
     failures: tuple[str, ...]
     warnings: tuple[str, ...]
+    findings: tuple[OutputFinding, ...] = ()
+    detections: tuple[DetectionDrift, ...] = ()
+    # How train_eval_gap was measured where not on every leaf in plain train mode, or why it is missing.
+    train_eval_note: str | None = None
 
     @property
     def verdict(self) -> str:
@@ -360,6 +410,10 @@ class DriftReport:
 
     @property
     def headline(self) -> OutputDrift:
+        """The first compared output leaf."""
+        if not self.outputs:
+            raise NormswapError("no output leaf could be compared (see findings): " +
+                                "; ".join(f"{f.name}: {f.message}" for f in self.findings[:3]))
         return self.outputs[0]
 
     @property
@@ -385,6 +439,8 @@ class DriftReport:
         values["converted"] = ModelStats(**data["converted"])
         values["failures"] = tuple(data["failures"])
         values["warnings"] = tuple(data["warnings"])
+        values["findings"] = tuple(OutputFinding.from_dict(f) for f in data.get("findings", ()))
+        values["detections"] = tuple(DetectionDrift(**d) for d in data.get("detections", ()))
         return cls(**values)
 
 
