@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 usage error; otherwise the failing NormswapError class's ``exit_code``
 (1 other, 3 recipe, 4 unknown name, 5 plan, 6 trace/forward, 7 model or checkpoint, 8 unsafe
-checkpoint, 9 output exists, 10 data, 11 a validation threshold failed — outputs are still written).
+checkpoint, 9 output exists, 10 data, 11 a validation threshold failed — outputs are still written; 1 also
+for an unexpected exception, e.g. from the model's own code, shown as one line unless ``--debug``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 from .errors import NormswapError
 
 DEFAULT_DEMO_MODEL = "resnet18"
+# An exception that is not a NormswapError (raised by the model's code, torch, the file system).
+UNEXPECTED_ERROR_EXIT_CODE = 1
 LR_HELP = ("default: the recipe's [recovery] lr (pretrained-small-batch: 3e-6), else 1e-4; 1e-5 to 3e-5 after "
            "--calibration-fit reconstruct, which also starts close to the original")
 WARMUP_HELP = "steps of linear learning-rate warm-up before the cosine decay (default 0)"
@@ -41,7 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "name", "order"],
         help="how checkpoint tensors pair with the model's (default: auto)",
     )
-    p.add_argument("--input-size", metavar="C,H,W", help="example input size (default: timm's input_size)")
+    p.add_argument("--input-size", metavar="C,H,W", help="example input size (default: timm's input_size, or the shapes the plan.json of a saved conversion records)")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -149,6 +152,33 @@ def _input_size(text: str | None) -> Any:
     return torch.randn((1, *size), generator=torch.Generator().manual_seed(0))
 
 
+def _recorded_shapes(*paths: str | None) -> tuple[tuple[int, ...], ...]:
+    """The example input shapes the plan of the first saved conversion among ``paths`` records: what a
+    model without timm's input config needs to be run again."""
+    from .io import is_saved_conversion, read_plan
+
+    for path in paths:
+        if path and is_saved_conversion(path):
+            shapes = read_plan(path).example_input_shapes
+            if shapes:
+                return shapes
+    return ()
+
+
+def _example_inputs(args: argparse.Namespace) -> Any:
+    """--input-size, else random inputs of the shapes a saved conversion's plan records, else None."""
+    given = _input_size(getattr(args, "input_size", None))
+    if given is not None:
+        return given
+    shapes = _recorded_shapes(getattr(args, "model", None), getattr(args, "converted", None))
+    if not shapes:
+        return None
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(shape, generator=generator) for shape in shapes)
+
+
 def _facts(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch_size": args.batch_size, "sequence": args.sequence, "purpose": args.purpose, "task": args.task}
 
@@ -165,8 +195,9 @@ def _data(model: Any, args: argparse.Namespace) -> Any:
 
     size = args.validation_batch_size
     limit = args.batches * size if args.batches else None
-    example = _input_size(getattr(args, "input_size", None))
-    shape = tuple(example.shape) if example is not None else None
+    example = _example_inputs(args)
+    first = example[0] if isinstance(example, tuple) else example
+    shape = tuple(first.shape) if first is not None else None
     return load_inputs(model, args.data, batch_size=size, limit=limit, example_shape=shape)
 
 
@@ -211,7 +242,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .render import print_plan
 
     model, _ = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
-    plan = api.plan(model, args.recipe, _input_size(args.input_size), shapes="always", **_facts(args))
+    plan = api.plan(model, args.recipe, _example_inputs(args), shapes="always", **_facts(args))
     if args.json:
         print(plan.to_json())
     else:
@@ -238,7 +269,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise NormswapError("--augment makes the views --recover-steps trains on: give --recover-steps N too.")
     augment = _augment(recovery_data) if args.augment else None
     # The saved plan records every site's input shape: the command line is not the place to save 10 ms.
-    conversion = api.convert(model, args.recipe, _input_size(args.input_size), validate=False,
+    conversion = api.convert(model, args.recipe, _example_inputs(args), validate=False,
                              calibration=None if calibration is None else Calibration(
                                  calibration, fit=args.calibration_fit, groups=args.calibration_groups,
                                  holdout=holdout, synthesis_steps=args.synthesis_steps),
@@ -487,6 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("normswap: interrupted; no output was left half-written.", file=sys.stderr)
         return 130
+    except Exception as exc:  # the model's own code, torch, the file system: one line, not a traceback
+        if args.debug:
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"normswap: error: {args.command} failed with {type(exc).__name__}" + (f": {detail}" if detail else "")
+              + " (run with --debug for the traceback)", file=sys.stderr)
+        return UNEXPECTED_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

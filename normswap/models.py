@@ -7,7 +7,10 @@ plain name is always looked up in timm).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +45,42 @@ def create_timm(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module
 
 
 def call_factory(spec: str) -> nn.Module:
+    """Import ``module`` and call ``factory()``, with the current folder first on ``sys.path`` as
+    ``python -m`` has it, so a package next to where the command runs is found. ``sys.path`` is
+    restored afterwards."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ModelLoadError(f"model spec {spec!r} must look like 'package.module:factory'.")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot import {spec!r}: {exc}") from exc
-    model = factory()
+    with _current_folder_importable():
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ModelLoadError(f"cannot import {spec!r} (from {os.getcwd()} or the installed packages): "
+                                 f"{exc}") from exc
+        except Exception as exc:  # the user's module itself raised while being imported
+            raise ModelLoadError(f"importing {module_name!r} for {spec!r} raised {type(exc).__name__}: "
+                                 f"{_first_line(exc)}") from exc
+        try:
+            model = factory()
+        except Exception as exc:
+            raise ModelLoadError(f"{spec}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module.")
     return model
+
+
+@contextmanager
+def _current_folder_importable() -> Iterator[None]:
+    saved = list(sys.path)
+    sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 def resolve_model(
