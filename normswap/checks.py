@@ -194,8 +194,13 @@ def measure_batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -
 
 
 def batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
-    """:func:`measure_batch_dependence`'s figure; raises :class:`NotMeasurable` (with the reason) where
-    there is none."""
+    """How much sample 0's train-mode output moves when the rest of its batch changes, relative to its
+    size: 0 for a model whose samples are independent (what BatchNorm breaks). Runs on a copy, so
+    running statistics of the caller's model are not touched, with Python's, numpy's and torch's random
+    generators reseeded before each pass (and restored afterwards) so dropout and other random masks
+    match. Modules whose train-mode forward raises (a detector's heads without targets) run in eval
+    mode; ``normswap.checks.measure_batch_dependence`` also returns a note saying so. Raises
+    :class:`~normswap.checks.NotMeasurable` (a NormswapError, with the reason) where no figure exists."""
     result = measure_batch_dependence(model, x, seed)
     if result.value is None:
         raise NotMeasurable(f"batch dependence of {type(model).__name__}: {result.note}")
