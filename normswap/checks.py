@@ -68,8 +68,7 @@ class TrainModeForward:
             return None
         shown = ", ".join(p or "the model itself" for p in self.kept_in_eval[:4])
         more = f" and {len(self.kept_in_eval) - 4} more" if len(self.kept_in_eval) > 4 else ""
-        return (f"train mode with {shown}{more} in eval mode (their train-mode forward raised: {self.reason}); "
-                f"every norm and dropout layer below them ran in train mode")
+        return f"train mode except {shown}{more}, in eval mode as their train-mode forward raised {self.reason}"
 
 
 class NotMeasurable(NormswapError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -518,6 +519,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("normswap: interrupted; no output was left half-written.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of a pipe (| head) stopped reading: exit as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # the model's own code, torch, the file system: one line, not a traceback
         if args.debug:
             raise

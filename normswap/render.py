@@ -165,9 +165,11 @@ def drift_lines(drift: DriftReport) -> list[str]:
     lines.append(
         f"batch dependence (train, 0 = independent): {fmt(o.batch_dependence, 3)} → {fmt(c.batch_dependence, 3)}"
     )
-    for who, stats in (("original", o), ("converted", c)):
-        if stats.batch_dependence_note:
-            lines.append(f"  {who}: {stats.batch_dependence_note}")
+    if o.batch_dependence_note and o.batch_dependence_note == c.batch_dependence_note:
+        lines.append(f"  both: {o.batch_dependence_note}")
+    else:
+        lines += [f"  {who}: {stats.batch_dependence_note}" for who, stats in (("original", o), ("converted", c))
+                  if stats.batch_dependence_note]
     lines.append(f"train/eval gap of the converted model: {fmt(drift.train_eval_gap, 3)}")
     if drift.train_eval_note:
         lines.append(f"  {drift.train_eval_note}")

@@ -197,7 +197,7 @@ def test_a_torchvision_detector_converts_with_default_validation(detector):
     # Train mode needs targets: the heads ran in eval mode, the backbone's norm layers in train mode.
     for stats in (drift.original, drift.converted):
         assert "targets should not be none" in stats.batch_dependence_note
-        assert "rpn, roi_heads in eval mode" in stats.batch_dependence_note
+        assert "except the model itself, rpn, roi_heads" in stats.batch_dependence_note
     assert drift.converted.batch_dependence == 0.0, "GroupNorm: each image's detections ignore the others"
     assert drift.original.batch_dependence is None and "changed shape" in drift.original.batch_dependence_note
     text = _rendered(report)
