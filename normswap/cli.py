@@ -45,7 +45,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "name", "order"],
         help="how checkpoint tensors pair with the model's (default: auto)",
     )
-    p.add_argument("--input-size", metavar="C,H,W", help="example input size (default: timm's input_size, or the shapes the plan.json of a saved conversion records)")
+    p.add_argument("--input-size", metavar="C,H,W", help="example input size (default: timm's input_size, or the "
+                   "shapes the plan.json of a saved conversion records)")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:

@@ -326,7 +326,9 @@ def train_eval_gap(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float 
     return measure_train_eval_gap(model, inputs)[0]
 
 
-def measure_train_eval_gap(model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0) -> tuple[float | None, str | None]:
+def measure_train_eval_gap(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0
+) -> tuple[float | None, str | None]:
     """(gap, note): the relative L2 of train-mode against eval-mode outputs over the output leaves
     whose name and shape agree in both modes. Where the structures differ (a detection head that
     returns raw maps in train mode and decoded boxes in eval mode) the gap covers the agreeing leaves

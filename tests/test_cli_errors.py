@@ -176,8 +176,10 @@ FAILURES = {
     "missing data": (["convert", f"{SPEC}:convbn", "--input-size", "3,16,16", "-o", "o", "--data", "nope.npy"], 10,
                      "does not exist"),
     "original fails on validation inputs": (["convert", f"{SPEC}:convbn", "--input-size", "3,16,16", "-o", "o",
-                                             "--data", "wrong.npy"], 10, "failed on validation inputs of shape (2, 5, 16, 16)"),
-    "converted model raises": (["convert", f"{SPEC}:fails_when_converted", "--input-size", "3,16,16", "-o", "o", "-r", "small-batch"], 1,
+                                             "--data", "wrong.npy"], 10,
+                                            "failed on validation inputs of shape (2, 5, 16, 16)"),
+    "converted model raises": (["convert", f"{SPEC}:fails_when_converted", "--input-size", "3,16,16", "-o", "o",
+                                "-r", "small-batch"], 1,
                                "convert failed with ValueError: this model only runs with its BatchNorm"),
     "not a saved conversion": (["report", "nowhere"], 7, "holds no report.json"),
     "corrupt report": (["report", "corrupt"], 7, "is not a normswap report"),
@@ -205,7 +207,8 @@ def test_an_interrupt_is_one_line(workdir, capsys):
 
 def test_debug_shows_the_traceback_of_an_unexpected_exception(workdir):
     with pytest.raises(ValueError, match="only runs with its BatchNorm"):
-        main(["--debug", "convert", f"{SPEC}:fails_when_converted", "--input-size", "3,16,16", "-o", "o", "-r", "small-batch"])
+        main(["--debug", "convert", f"{SPEC}:fails_when_converted", "--input-size", "3,16,16", "-o", "o",
+              "-r", "small-batch"])
 
 
 def test_a_usage_error_exits_2(capsys):
