@@ -247,3 +247,21 @@ def test_wav2vec2_without_batchnorm_is_batch_independent():
     model = transformers.Wav2Vec2Model(config)
     x = torch.randn(3, 800, generator=torch.Generator().manual_seed(0))
     assert normswap.batch_dependence(model, x) < 1e-6
+
+
+class RaisesWhileAnyPartTrains(_ConvBN):
+    def forward(self, x):
+        if self.conv.training:
+            raise ValueError("needs targets while training")
+        return self.features(x)
+
+
+def test_a_model_that_cannot_run_in_train_mode_gets_a_reason_not_a_crash():
+    result = measure_batch_dependence(RaisesWhileAnyPartTrains(), X)
+    assert result.value is None
+    assert result.note == ("not measurable: the train-mode forward raised in the model itself: "
+                           "ValueError: needs targets while training")
+    drift = normswap.validate(RaisesWhileAnyPartTrains().eval(), RaisesWhileAnyPartTrains().eval(), X, measure=False)
+    assert drift.train_eval_gap is None and drift.train_eval_note.startswith("not measurable")
+    with pytest.raises(normswap.NormswapError, match="needs targets while training"):
+        normswap.batch_dependence(RaisesWhileAnyPartTrains(), X)
