@@ -79,20 +79,23 @@ MAX_EVAL_FALLBACKS = 16
 
 
 def train_mode_forward(probe: nn.Module, inputs: tuple[Any, ...], reseed: Callable[[], None],
-                       keep_in_eval: tuple[str, ...] = ()) -> TrainModeForward:
+                       keep_in_eval: tuple[str, ...] = (), random_in_eval: bool = False) -> TrainModeForward:
     """``probe(*inputs)`` in train mode. Where that raises inside a module's own forward, that module
     (the innermost one raising) is put in eval mode and the pass repeated, so a detector whose heads
     need targets in train mode still runs its backbone's norm layers in train mode. ``keep_in_eval``
-    starts from an earlier call's modules, so two passes run in the same modes. Raises
+    starts from an earlier call's modules, so two passes run in the same modes. ``random_in_eval``
+    keeps dropout and stochastic-depth layers in eval mode, for a comparison with an eval-mode pass
+    that their noise would swamp. Raises
     :class:`NotMeasurable` when the same module raises again in eval mode, or after
     ``MAX_EVAL_FALLBACKS`` modules."""
     modules = dict(probe.named_modules())
     paths = {id(m): p for p, m in modules.items()}
     kept = list(keep_in_eval)
+    quiet = [p for p, m in modules.items() if is_random_layer(m)] if random_in_eval else []
     reason = None
     while True:
         probe.train()
-        for path in kept:
+        for path in [*quiet, *kept]:
             modules[path].training = False  # this module only: eval() would take its children along
         reseed()
         try:
@@ -105,6 +108,14 @@ def train_mode_forward(probe: nn.Module, inputs: tuple[Any, ...], reseed: Callab
                 raise NotMeasurable(f"the train-mode forward raised{where}: {message}") from exc
             kept.append(culprit)
             reason = reason or message
+
+
+RANDOM_LAYER_NAMES = ("DropPath", "DropBlock2d", "StochasticDepth")
+
+
+def is_random_layer(module: nn.Module) -> bool:
+    """Dropout (torch's), drop-path and drop-block (timm's, torchvision's stochastic depth)."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ in RANDOM_LAYER_NAMES
 
 
 def _raising_module(exc: BaseException, paths: dict[int, str]) -> str | None:

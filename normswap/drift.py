@@ -320,7 +320,8 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 def train_eval_gap(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float | None:
-    """Relative difference of train-mode and eval-mode outputs (0 for norms without running stats);
+    """Relative difference of train-mode and eval-mode outputs (0 for norms without running stats;
+    dropout and stochastic depth stay in eval mode);
     :func:`measure_train_eval_gap` also says how it was measured. Runs on a copy so running statistics
     are not touched."""
     return measure_train_eval_gap(model, inputs)[0]
@@ -330,14 +331,15 @@ def measure_train_eval_gap(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0
 ) -> tuple[float | None, str | None]:
     """(gap, note): the relative L2 of train-mode against eval-mode outputs over the output leaves
-    whose name and shape agree in both modes. Where the structures differ (a detection head that
+    whose name and shape agree in both modes. Dropout and stochastic depth stay in eval mode: the gap
+    is what the norm layers' mode changes, not random noise. Where the structures differ (a detection head that
     returns raw maps in train mode and decoded boxes in eval mode) the gap covers the agreeing leaves
     and the note names the others; with none agreeing the gap is None. Modules whose train-mode
     forward raises stay in eval mode (:func:`normswap.checks.train_mode_forward`), as the note says."""
     probe = clone_model(model)
     with torch.no_grad(), seeded(seed, inputs[0].device) as reseed:
         try:
-            train = train_mode_forward(probe, inputs, reseed)
+            train = train_mode_forward(probe, inputs, reseed, random_in_eval=True)
         except NotMeasurable as exc:  # BatchNorm cannot train on one value per channel, say
             return None, f"not measurable: {exc}"
         reseed()

@@ -265,3 +265,14 @@ def test_a_model_that_cannot_run_in_train_mode_gets_a_reason_not_a_crash():
     assert drift.train_eval_gap is None and drift.train_eval_note.startswith("not measurable")
     with pytest.raises(normswap.NormswapError, match="needs targets while training"):
         normswap.batch_dependence(RaisesWhileAnyPartTrains(), X)
+
+
+def test_train_eval_gap_leaves_dropout_out():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.mnasnet0_5(num_classes=10).eval()  # dropout 0.2 before its classifier
+    data = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    converted = normswap.convert(model, "small-batch", data[:1], validate=False).model
+    assert normswap.validate(model, converted, data, measure=False).train_eval_gap == 0.0
+    # The original against itself: its BatchNorm does differ between the modes.
+    assert normswap.validate(model, model, data, measure=False).train_eval_gap > 0.1
