@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .cloning import clone_model
+from .data import call_model
 from .errors import NormswapError
 
 
@@ -80,12 +81,12 @@ MAX_EVAL_FALLBACKS = 16
 
 def train_mode_forward(probe: nn.Module, inputs: tuple[Any, ...], reseed: Callable[[], None],
                        keep_in_eval: tuple[str, ...] = (), random_in_eval: bool = False) -> TrainModeForward:
-    """``probe(*inputs)`` in train mode. Where that raises inside a module's own forward, that module
-    (the innermost one raising) is put in eval mode and the pass repeated, so a detector whose heads
-    need targets in train mode still runs its backbone's norm layers in train mode. ``keep_in_eval``
-    starts from an earlier call's modules, so two passes run in the same modes. ``random_in_eval``
-    keeps dropout and stochastic-depth layers in eval mode, for a comparison with an eval-mode pass
-    that their noise would swamp. Raises
+    """``probe``'s answer to ``inputs`` (:func:`normswap.data.call_model`) in train mode. Where that
+    raises inside a module's own forward, that module (the innermost one raising) is put in eval mode
+    and the pass repeated, so a detector whose heads need targets in train mode still runs its
+    backbone's norm layers in train mode. ``keep_in_eval`` starts from an earlier call's modules, so
+    two passes run in the same modes. ``random_in_eval`` keeps dropout and stochastic-depth layers in
+    eval mode, for a comparison with an eval-mode pass that their noise would swamp. Raises
     :class:`NotMeasurable` when the same module raises again in eval mode, or after
     ``MAX_EVAL_FALLBACKS`` modules."""
     modules = dict(probe.named_modules())
@@ -99,7 +100,7 @@ def train_mode_forward(probe: nn.Module, inputs: tuple[Any, ...], reseed: Callab
             modules[path].training = False  # this module only: eval() would take its children along
         reseed()
         try:
-            return TrainModeForward(probe(*inputs), tuple(kept), reason)
+            return TrainModeForward(call_model(probe, inputs), tuple(kept), reason)
         except Exception as exc:
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
             culprit = _raising_module(exc, paths)
