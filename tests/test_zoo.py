@@ -174,13 +174,28 @@ def test_render_counts_failures_and_the_section_is_replaced_in_place(tmp_path):
     assert "PlanError: boom" in text and "small-batch/bn-left" in text
     assert "| fam2 | m2 |" in text
 
+    common = sys.modules["_common"]  # the benchmarks' shared harness, which zoo.py imports
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n<!-- begin other -->\nkeep me\n<!-- end other -->\n")
-    zoo.write_section("first", path=path)
-    zoo.write_section("second", path=path)
+    common.write_section("zoo", "first", path=path)
+    common.write_section("zoo", "second", path=path)
     content = path.read_text()
     assert "keep me" in content and "second" in content and "first" not in content
     assert content.count("<!-- begin zoo -->") == 1
+    summary = common.condensed(text, keep=("Totals",))
+    assert "### Totals" in summary and "### Per family" not in summary and "| fam2 | m2 |" not in summary
+
+
+def test_a_summary_leaves_descriptive_columns_and_details_to_the_full_tables():
+    common = sys.modules["_common"]
+    text = "\n".join([
+        "## Section", "", "| method | how | score | wall s |", "|---|---|---|---|", "| a | long words | 1.0 | 3 |", "",
+        "Details:", "", "- one", "- two", "", "A closing line " + "word " * 200,
+    ])
+    summary = common.condensed(text)
+    assert "| method | score |" in summary and "| a | 1.0 |" in summary and "long words" not in summary
+    assert "- one" not in summary and "Details" not in summary
+    assert summary.splitlines()[-1].endswith("… (full tables)") and len(summary.splitlines()[-1]) < 650
 
 
 @pytest.mark.slow
