@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .apply import apply_plan as _apply
@@ -104,11 +105,17 @@ def convert(
     clock.append(time.perf_counter())
     calibrated = None
     if calibration is not None:
-        calibrated = Calibration.of(calibration).run(original, applied.model, the_plan,
-                                                     tuple(inputs[0].shape[1:]), progress)
+        size = tuple(inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else None
+        calibrated = Calibration.of(calibration).run(original, applied.model, the_plan, size, progress)
         the_plan = calibrated.updated_plan(the_plan)
     clock.append(time.perf_counter())
     drift = None
+    notes = list(applied.warnings)
+    if validate and data is None and not isinstance(inputs[0], torch.Tensor):
+        validate = False  # no batch to draw validation samples like: said, not raised, so nothing is lost
+        notes.append(f"not validated: the example input is a {type(inputs[0]).__name__}, and validation draws "
+                     f"its samples as batched tensors; pass data= (batches the model takes) or a batch tensor "
+                     f"as the example (torchvision detectors take N×3×H×W too).")
     if validate:
         samples = None if data is not None else CONVERT_VALIDATION_SAMPLES
         checked = load_inputs(original, data, limit=samples, example_shape=tuple(inputs[0].shape))
@@ -119,7 +126,7 @@ def convert(
     steps = ("plan_s", "apply_s", "calibrate_s", "validate_s")
     report = Report(
         model_cls=the_plan.model_cls, recipe=the_plan.recipe, facts=the_plan.facts,
-        plan_summary=the_plan.summary(), swaps=tuple(applied.swaps), warnings=tuple(applied.warnings),
+        plan_summary=the_plan.summary(), swaps=tuple(applied.swaps), warnings=tuple(notes),
         timings={name: b - a for name, a, b in zip(steps, clock[:-1], clock[1:], strict=True)},
         params_before=before[0], params_after=after[0], buffers_before=before[1], buffers_after=after[1],
         batchnorm_left=tuple(applied.batchnorm_left), drift=drift,

@@ -72,9 +72,9 @@ def test_detector_with_frozen_batchnorm_folds_exactly_by_parts():
 def test_groupnorm_detector_trains_one_step_at_batch_two():
     model = _detector().eval()
     x = torch.rand(1, 3, SIZE, SIZE)
-    # validate=False: default validation raises on a changed number of detections until the
-    # i22-validation branch makes that a finding (issue 22, item 3); switch to the default then.
-    conversion = normswap.convert(model, "detection", x, validate=False)
+    conversion = normswap.convert(model, "detection", x)  # default validation: changed detections are findings
+    drift = conversion.report.drift
+    assert drift is not None and drift.detections, "the detections of both models were matched"
     converted = conversion.model
     assert conversion.plan.summary() == {"groupnorm": 20}
     assert not any(is_site_module(m) for m in converted.modules())
@@ -118,3 +118,10 @@ def test_segmenter_and_classifier_convert_with_validation_and_fold_exactly(name:
     assert folded.plan.summary() == {"fold": sites}, "every BatchNorm follows a conv: all fold"
     with torch.no_grad():
         _assert_same(model(x), folded.model(x))
+
+
+def test_a_detector_given_a_list_of_images_converts_and_says_it_was_not_validated():
+    model = _detector().eval()
+    conversion = normswap.convert(model, "fold", ([torch.rand(3, SIZE, SIZE)],))
+    assert conversion.plan.summary() == {"fold": 20} and conversion.report.drift is None
+    assert any(w.startswith("not validated: the example input is a list") for w in conversion.report.warnings)
