@@ -73,8 +73,9 @@ def volume(n: int = 1, size: int = 32) -> tuple[torch.Tensor]:
     return (torch.randn(n, 1, size, size, size),)
 
 
-def images_list(size: int = 128) -> tuple[list[torch.Tensor]]:
-    return ([torch.rand(3, size, size)],)
+def detector_batch(size: int = 128) -> tuple[torch.Tensor]:
+    """torchvision detectors take a list of images or one N×3×H×W tensor; validation needs the tensor."""
+    return (torch.rand(1, 3, size, size),)
 
 
 def tv(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
@@ -131,15 +132,15 @@ CASES = (
     Case("tv_efficientnet_b0", "torchvision", "classification", tv("efficientnet_b0"), image),
     Case("tv_regnet_y_400mf", "torchvision", "classification", tv("regnet_y_400mf"), image),
     Case("tv_fasterrcnn_mobilenet_v3", "torchvision", "detection", tv_detector("fasterrcnn_mobilenet_v3_large_320_fpn"),
-         images_list, batched=False),
+         detector_batch),
     Case("tv_fasterrcnn_resnet50_fpn", "torchvision", "detection", tv_detector("fasterrcnn_resnet50_fpn"),
-         images_list, batched=False),
+         detector_batch),
     Case("tv_retinanet_resnet50_fpn", "torchvision", "detection", tv_detector("retinanet_resnet50_fpn"),
-         images_list, batched=False),
+         detector_batch),
     Case("tv_ssdlite320", "torchvision", "detection", tv_detector("ssdlite320_mobilenet_v3_large"),
-         images_list, batched=False),
+         detector_batch),
     Case("tv_maskrcnn_resnet50_fpn", "torchvision", "detection", tv_detector("maskrcnn_resnet50_fpn"),
-         images_list, batched=False),
+         detector_batch),
     Case("tv_deeplabv3_mobilenet_v3", "torchvision", "segmentation",
          tv("deeplabv3_mobilenet_v3_large", weights_backbone=None, num_classes=3), image),
     Case("tv_lraspp_mobilenet_v3", "torchvision", "segmentation",
