@@ -17,7 +17,7 @@ from .errors import (
     UnknownNameError,
     UnsafeCheckpointError,
 )
-from .layers import ChannelLayerNorm, FrozenBatchNorm, GroupRMSNorm, GroupRMSNormAct
+from .layers import ChannelLayerNorm, FrozenBatchNorm, FrozenBatchNormAct, GroupRMSNorm, GroupRMSNormAct
 from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
 from .recover import ImageAugment, RecoveryResult, recover
@@ -69,6 +69,7 @@ __all__ = [
     "list_targets",
     "ChannelLayerNorm",
     "FrozenBatchNorm",
+    "FrozenBatchNormAct",
     "GroupRMSNorm",
     "GroupRMSNormAct",
     "NormswapError",
