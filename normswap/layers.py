@@ -175,39 +175,44 @@ def _portable_group_rms_norm(
     return y * weight.view(view) + bias.view(view)
 
 
+_ALL_BUT_BATCH = {ndim: tuple(range(1, ndim)) for ndim in range(2, 9)}
+
+
 def _fast_group_rms_norm(
     x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Eager kernel at the cost floor of a per-sample norm: one read for the statistics, one pass that
-    reads ``x`` and writes the output with the per-(sample, channel) factor ``weight_c / rms_n`` and bias.
+    """The eager kernel, near the cost floor of a per-sample norm: one read of ``x`` for the statistics,
+    then one multiply by the per-(sample, channel) factor ``weight_c / rms_n`` and the bias.
 
-    The statistics come from ``vector_norm`` (a reduction that materializes nothing the size of ``x``);
-    the apply pass is the eval BatchNorm kernel on the ``1 × (N·C) × …`` view of a contiguous input (a
-    three-operand ``addcmul`` broadcast over H×W is about twice as slow there), and ``addcmul`` on a
-    channels-last input (fast there, and it keeps the layout).
+    ``vector_norm`` reduces without materializing ``x²``; the few per-sample numbers are computed in place.
+    A contiguous (N×C×H×W) input is scaled by a binary multiply and the bias added in place: a
+    three-operand ``addcmul`` broadcast over H×W, or ``F.rms_norm`` then an affine, is about twice as slow
+    there. A channels-last input takes ``addcmul``, which is fast there and keeps the layout.
     """
     n, c = x.shape[0], x.shape[1]
-    size = x[0].numel() // num_groups
+    size = x.numel() // (n * num_groups)
     accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
     if num_groups == 1:
-        norms = torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), dtype=accumulate).view(n, 1)
+        norms = torch.linalg.vector_norm(x, dim=_ALL_BUT_BATCH[x.ndim], dtype=accumulate)
     elif x.is_contiguous() or x.ndim == 2:
         norms = torch.linalg.vector_norm(x.reshape(n, num_groups, -1), dim=-1, dtype=accumulate)
     else:
         # Per-channel sums of squares in the input's own layout, then summed within each group.
         per_channel = torch.linalg.vector_norm(x, dim=tuple(range(2, x.ndim)), dtype=accumulate)
         norms = per_channel.square().view(n, num_groups, -1).sum(-1).sqrt()
-    scale = torch.rsqrt(norms.square() / size + eps).to(x.dtype)  # n × groups
-    factor = scale.repeat_interleave(c // num_groups, dim=1) if num_groups > 1 else scale.expand(n, c)
-    if weight is not None:
-        factor = factor * weight
-    if x.ndim > 2 and x.is_contiguous():
-        flat = x.view(1, n * c, -1)
-        shift = bias.repeat(n) if bias is not None else None
-        ones = factor.new_ones(n * c)
-        y = F.batch_norm(flat, ones.new_zeros(n * c), ones, factor.reshape(-1), shift, False, 0.0, 0.0)
-        return y.view(x.shape)
+    # square() out of place (vector_norm's backward needs its result), the rest in place on that copy.
+    scale = norms.square().div_(size).add_(eps).rsqrt_()  # n, or n × groups
+    if accumulate is not None:
+        scale = scale.to(x.dtype)
+    if num_groups > 1:
+        scale = scale.repeat_interleave(c // num_groups, dim=1)
+        factor = scale * weight if weight is not None else scale
+    else:
+        factor = torch.outer(scale, weight) if weight is not None else scale.view(n, 1).expand(n, c)
     view = [n, c] + [1] * (x.ndim - 2)
     if bias is None:
         return x * factor.view(view)
+    if x.is_contiguous():
+        # mul's backward keeps x and the factor, not its output, so adding in place is safe for autograd.
+        return (x * factor.view(view)).add_(bias.view([1, c] + [1] * (x.ndim - 2)))
     return torch.addcmul(bias.view([1, c] + [1] * (x.ndim - 2)), x, factor.view(view))
