@@ -106,6 +106,7 @@ def measure_models(models: tuple[str, ...], recipes: tuple[str, ...], size: int,
     for name in models:
         original = timm.create_model(name, num_classes=1000).eval()
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        seen: dict[tuple[Any, ...], str] = {}
         for recipe in recipes:
             key = f"{name}/{recipe}"
             try:
@@ -117,10 +118,20 @@ def measure_models(models: tuple[str, ...], recipes: tuple[str, ...], size: int,
             if not conversion.plan.conversions:
                 results[key] = {"skipped": "converts nothing in this model"}
                 continue
+            layers = _signature(conversion.model)
+            if layers in seen:
+                # The same modules in the same places (auto, dp, detection on resnet18 are small-batch's).
+                results[key] = {"same_as": f"{name}/{seen[layers]}"}
+                continue
+            seen[layers] = recipe
             results[key] = compare(original, conversion.model, size, rounds)
             worst = max(c[t]["ratio"] for c in results[key].values() for t in c)
             print(f"{key}: worst ratio {worst:.3f}", flush=True)
     return results
+
+
+def _signature(model: nn.Module) -> tuple[Any, ...]:
+    return tuple((name, type(m).__name__, getattr(m, "num_groups", None)) for name, m in model.named_modules())
 
 
 def lite1(rounds: int) -> dict[str, Any]:
@@ -201,6 +212,11 @@ def measure_layers(rounds: int) -> dict[str, Any]:
     return out
 
 
+def _resolve(models: dict[str, Any], key: str) -> dict[str, Any] | None:
+    entry = models.get(key)
+    return models.get(entry["same_as"]) if entry and "same_as" in entry else entry
+
+
 def _ratio(entry: dict[str, Any] | None, case: str, threads: str) -> float | None:
     if not entry or "skipped" in entry or case not in entry:
         return None
@@ -225,7 +241,7 @@ def render(data: dict[str, Any]) -> str:
         f"`{latest['command']}`" + (" (and the `before` run on the code before the fast layers)"
                                      if "before" in runs else "") + ".",
         "",
-        f"Load caveat: the machine is shared; load average at the start of each run: "
+        "Load caveat: the machine is shared; load average at the start of each run: "
         + "; ".join(f"{label} {runs[label]['machine']['load_average_at_start']}" for label in labels)
         + ". Ratios within about ±0.05 of 1 are within the noise of one run.",
         "",
@@ -241,7 +257,7 @@ def render(data: dict[str, Any]) -> str:
         for cases in (("eval-b1", "eval-b8"), ("train-b2",)):
             for t in ("1", threads_all):
                 for label in labels:
-                    ratios = [_ratio(runs[label]["models"].get(key), case, t)
+                    ratios = [_ratio(_resolve(runs[label]["models"], key), case, t)
                               for key in runs[label]["models"] if key.endswith("/" + recipe) for case in cases]
                     ratios = [r for r in ratios if r is not None]
                     cells.append(_fmt(max(ratios)) if ratios else "n/a")
@@ -252,14 +268,16 @@ def render(data: dict[str, Any]) -> str:
               + " |", "|---|---|" + "---|" * 6]
     for key, entry in latest["models"].items():
         model, recipe = key.split("/", 1)
-        if "skipped" in entry:
-            lines.append(f"| {model} | {recipe} | {entry['skipped']} |" + " |" * 5)
+        if "skipped" in entry or "same_as" in entry:
+            note = entry.get("skipped") or f"the same modules as {entry['same_as'].split('/', 1)[1]}"
+            lines.append(f"| {model} | {recipe} | {note} |" + " |" * 5)
             continue
-        cells = [_fmt(_ratio(entry, case, t)) for case in ("eval-b1", "eval-b8", "train-b2") for t in ("1", threads_all)]
+        cells = [_fmt(_ratio(entry, case, t)) for case in ("eval-b1", "eval-b8", "train-b2")
+                 for t in ("1", threads_all)]
         lines.append(f"| {model} | {recipe} | " + " | ".join(cells) + " |")
     originals: dict[str, dict[str, float]] = {}
     for key, entry in latest["models"].items():
-        if "skipped" not in entry:
+        if "skipped" not in entry and "same_as" not in entry:
             originals.setdefault(key.split("/")[0], {case: entry[case]["1"]["original_ms"] for case in entry})
     lines += ["", "Originals, 1 thread (ms): " + "; ".join(
         f"{m} " + ", ".join(f"{c} {v:.1f}" for c, v in cases.items()) for m, cases in originals.items()) + "."]
@@ -309,14 +327,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", default="after", help="name of this run in the JSON (default: after)")
     parser.add_argument("--size", type=int, default=96, help="image size of the timm models (default 96)")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per figure (default 15)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per figure (default 7)")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--no-lite1", action="store_true", help="skip EfficientNet-Lite1 at 224 px")
     parser.add_argument("--render-only", action="store_true", help="render the saved JSON, measure nothing")
+    parser.add_argument("--results", type=Path, default=RAW, help=f"the JSON of runs (default {RAW})")
     parser.add_argument("--write", action="store_true", help="render the latency section of BENCHMARKS.md")
     args = parser.parse_args()
-    data = json.loads(RAW.read_text()) if RAW.exists() else {"runs": {}}
+    data = json.loads(args.results.read_text()) if args.results.exists() else {"runs": {}}
     if not args.render_only:
         torch.set_num_threads(1)
         run: dict[str, Any] = {"command": command_line(), "machine": machine(), "versions": versions(),
@@ -328,12 +347,14 @@ def main() -> None:
         if not args.no_lite1:
             run["lite1"] = lite1(max(args.rounds // 2, 5))
         run["seconds"] = time.perf_counter() - started
+        # Read again: another run (another --label) may have saved meanwhile.
+        data = json.loads(args.results.read_text()) if args.results.exists() else {"runs": {}}
         data["runs"][args.label] = run
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(RAW, json.dumps(data, indent=2) + "\n")
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.results, json.dumps(data, indent=2) + "\n")
     text = render(data)
     print(text)
-    print(f"raw results: {RAW}")
+    print(f"raw results: {args.results}")
     if args.write:
         write_markdown(text)
         print("BENCHMARKS.md: latency section rewritten")

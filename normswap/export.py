@@ -34,6 +34,7 @@ DEFAULT_TOLERANCE = 1e-4
 class ExportResult:
     """What :func:`export_onnx` wrote and how closely onnxruntime reproduces PyTorch on the example inputs.
 
+    ``opset`` is the one the file declares (read back when onnx is installed).
     ``max_abs_error`` and ``max_rel_error`` (the largest absolute difference over the largest absolute
     PyTorch output, across all outputs) are None when onnxruntime is not installed: then
     ``checked`` is False and the file was written unchecked.
@@ -100,6 +101,7 @@ def export_onnx(
                 "tolerance if the model is numerically sensitive."
             )
         size = staging.stat().st_size
+        opset = _file_opset(staging) or opset
         _public(staging)
         os.replace(staging, final)
     return ExportResult(
@@ -162,6 +164,17 @@ def _export(model: nn.Module, inputs: tuple[Any, ...], file: Path, exporter: str
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
             f"Nothing was written. Try the other exporter ({'dynamo' if exporter == 'legacy' else 'legacy'})."
         ) from exc
+
+
+def _file_opset(file: Path) -> int | None:
+    """The default-domain opset the file declares (the dynamo exporter keeps 18 when it cannot convert
+    down to the one asked for); None without the onnx package."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(file), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _flat_outputs(output: Any) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -190,10 +191,11 @@ def _fast_group_rms_norm(
     there. A channels-last input takes ``addcmul``, which is fast there and keeps the layout.
     """
     n, c = x.shape[0], x.shape[1]
-    size = x.numel() // (n * num_groups)
+    size = math.prod(x.shape[1:]) // num_groups
     accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
     if num_groups == 1:
-        norms = torch.linalg.vector_norm(x, dim=_ALL_BUT_BATCH[x.ndim], dtype=accumulate)
+        dims = _ALL_BUT_BATCH.get(x.ndim) or tuple(range(1, x.ndim))
+        norms = torch.linalg.vector_norm(x, dim=dims, dtype=accumulate)
     elif x.is_contiguous() or x.ndim == 2:
         norms = torch.linalg.vector_norm(x.reshape(n, num_groups, -1), dim=-1, dtype=accumulate)
     else:
