@@ -40,6 +40,8 @@ MODELS = ("resnet18", "efficientnet_b0", "mobilenetv3_large_100")
 RECIPES = ("small-batch", "pretrained-small-batch", "freeze", "fold", "layernorm", "layernorm-chw",
            "rmsnorm-chw", "style-transfer", "dp", "detection", "auto", "sequence")
 CASES = (("eval", 1), ("eval", 8), ("train", 2))
+# The recipes whose layers this work changed (the others build torch's or timm's norms, as before).
+AB_RECIPES = ("pretrained-small-batch", "freeze", "layernorm")
 LITE1 = "tf_efficientnet_lite1"
 RAW = RESULTS / "latency.json"
 START, END = "<!-- latency:start -->", "<!-- latency:end -->"
@@ -101,7 +103,10 @@ def compare(original: nn.Module, converted: nn.Module, size: int, rounds: int) -
     return out
 
 
-def measure_models(models: tuple[str, ...], recipes: tuple[str, ...], size: int, rounds: int) -> dict[str, Any]:
+def measure_models(models: tuple[str, ...], recipes: tuple[str, ...], size: int, rounds: int,
+                   saved: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every model × recipe; ``saved`` is called with the results so far after each, so a long run
+    interrupted keeps what it measured."""
     results: dict[str, Any] = {}
     for name in models:
         original = timm.create_model(name, num_classes=1000).eval()
@@ -125,6 +130,7 @@ def measure_models(models: tuple[str, ...], recipes: tuple[str, ...], size: int,
                 continue
             seen[layers] = recipe
             results[key] = compare(original, conversion.model, size, rounds)
+            saved(results)
             worst = max(c[t]["ratio"] for c in results[key].values() for t in c)
             print(f"{key}: worst ratio {worst:.3f}", flush=True)
     return results
@@ -150,6 +156,65 @@ def lite1(rounds: int) -> dict[str, Any]:
     converted = normswap.convert(original, "pretrained-small-batch", x, validate=False).model
     return {"weights": weights, "size": 224, "recipe": "pretrained-small-batch",
             "cases": compare(original, converted, 224, rounds)}
+
+
+def _before_model(converted: nn.Module, old_layers: Any) -> nn.Module:
+    """``converted`` as the older checkout built it: its GroupRMSNorm / ChannelLayerNorm forwards, and timm's
+    FrozenBatchNormAct2d where ``freeze`` now builds FrozenBatchNormAct. Same weights, same outputs."""
+    from timm.layers import FrozenBatchNormAct2d
+
+    import copy
+    import types
+
+    model = copy.deepcopy(converted)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, normswap.GroupRMSNorm):
+            norm = types.MethodType(old_layers.GroupRMSNorm.forward, module)
+            act = isinstance(module, normswap.GroupRMSNormAct)
+            module.forward = (lambda m, f: (lambda x: m.act(m.drop(f(x)))))(module, norm) if act else norm
+        elif isinstance(module, normswap.ChannelLayerNorm):
+            module.forward = types.MethodType(old_layers.ChannelLayerNorm.forward, module)
+        elif isinstance(module, getattr(normswap, "FrozenBatchNormAct", ())) and module.weight.ndim == 1:
+            old = FrozenBatchNormAct2d(module.num_features, eps=module.eps, apply_act=False)
+            old.load_state_dict(module.state_dict())
+            old.act, old.drop = module.act, module.drop
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, old)
+    return model
+
+
+def before_after(old_layers_file: Path, models: tuple[str, ...], recipes: tuple[str, ...], size: int,
+                 rounds: int) -> dict[str, Any]:
+    """Original, converted with the older layers, converted with these: interleaved in one process at one
+    thread, so machine load hits all three alike (separate runs at different times do not compare well)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("normswap_old_layers", old_layers_file)
+    assert spec is not None and spec.loader is not None
+    old_layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old_layers)
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    cases = [(name, recipe, size) for name in models for recipe in recipes] + [(LITE1, "pretrained-small-batch", 224)]
+    for name, recipe, px in cases:
+        original = timm.create_model(name, num_classes=1000).eval()
+        x = torch.randn(1, 3, px, px, generator=torch.Generator().manual_seed(0))
+        after = normswap.convert(original, recipe, x, validate=False, batch_size=2).model
+        before = _before_model(after, old_layers)
+        row: dict[str, Any] = {}
+        for mode, batch in CASES:
+            xb = torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(batch))
+            make = _eval_call if mode == "eval" else _train_call
+            for m in (original, before, after):
+                m.train(mode == "train")
+            t = interleaved({"original": make(original, xb), "before": make(before, xb), "after": make(after, xb)},
+                            rounds)
+            row[f"{mode}-b{batch}"] = {"original_ms": 1e3 * t["original"], "before": t["before"] / t["original"],
+                                       "after": t["after"] / t["original"]}
+        out[f"{name}@{px}/{recipe}"] = row
+        print(f"{name}@{px}/{recipe}: " + ", ".join(f"{c} {v['before']:.2f} → {v['after']:.2f}"
+                                                    for c, v in row.items()), flush=True)
+    return out
 
 
 def _layer_cases() -> dict[str, Callable[[int], nn.Module]]:
@@ -228,7 +293,7 @@ def _fmt(v: float | None) -> str:
 
 
 def render(data: dict[str, Any]) -> str:
-    runs = data["runs"]
+    runs = {label: run for label, run in data["runs"].items() if label != "before-after"}
     labels = [label for label in ("before", "after") if label in runs] + [
         label for label in runs if label not in ("before", "after")]
     latest = runs[labels[-1]]
@@ -243,7 +308,8 @@ def render(data: dict[str, Any]) -> str:
         "",
         "Load caveat: the machine is shared; load average at the start of each run: "
         + "; ".join(f"{label} {runs[label]['machine']['load_average_at_start']}" for label in labels)
-        + ". Ratios within about ±0.05 of 1 are within the noise of one run.",
+        + f" on {threads_all} logical CPUs. With more runnable processes than cores every figure is noisy, the "
+        "all-threads ones most (their threads wait for each other); `—`: not measured in that run.",
         "",
         "### Worst ratio per recipe over models and batch sizes",
         "",
@@ -260,7 +326,7 @@ def render(data: dict[str, Any]) -> str:
                     ratios = [_ratio(_resolve(runs[label]["models"], key), case, t)
                               for key in runs[label]["models"] if key.endswith("/" + recipe) for case in cases]
                     ratios = [r for r in ratios if r is not None]
-                    cells.append(_fmt(max(ratios)) if ratios else "n/a")
+                    cells.append(_fmt(max(ratios)) if ratios else "—")
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     lines += ["", f"### Every model ({labels[-1]})", "",
               "| model | recipe | " + " | ".join(f"{c}, {t} thr" for c, _ in [(c, None) for c in
@@ -296,6 +362,8 @@ def render(data: dict[str, Any]) -> str:
                     c = runs[label]["lite1"]["cases"][case][t]
                     cells += [f"{c['original_ms']:.1f}", f"{c['converted_ms']:.1f}", f"{c['ratio']:.2f}"]
             lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    if "before-after" in data["runs"]:
+        lines += _render_before_after(data["runs"]["before-after"])
     if "layers" in latest:
         shapes = list(latest["layers"])
         lines += ["", "### Each layer alone: time / BatchNorm2d eval on the same input (1 thread, eval)", "",
@@ -312,6 +380,21 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _render_before_after(ab: dict[str, Any]) -> list[str]:
+    lines = ["", "### Before → after, interleaved in one process (1 thread)", "",
+             "Converted / original with the layers before this work and with these, the three models timed in "
+             f"turn ({ab['rounds']} rounds; `{ab['command']}`; load average at the start "
+             f"{ab['machine']['load_average_at_start']}).", "",
+             "| model | recipe | eval b1 | eval b8 | train b2 | original ms (eval b1 / b8 / train b2) |",
+             "|---|---|---|---|---|---|"]
+    for key, row in ab["rows"].items():
+        model, recipe = key.split("/", 1)
+        cells = [f"{row[c]['before']:.2f} → {row[c]['after']:.2f}" for c in ("eval-b1", "eval-b8", "train-b2")]
+        ms = " / ".join(f"{row[c]['original_ms']:.1f}" for c in ("eval-b1", "eval-b8", "train-b2"))
+        lines.append(f"| {model.replace('@', ' @ ')} px | {recipe} | " + " | ".join(cells) + f" | {ms} |")
+    return lines
+
+
 def write_markdown(text: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace what is between the latency markers of BENCHMARKS.md (appended with them when missing)."""
     content = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -323,6 +406,14 @@ def write_markdown(text: str, path: Path = BENCHMARKS_MD) -> None:
     write_text_atomic(path, content)
 
 
+def _save_run(path: Path, label: str, run: dict[str, Any]) -> None:
+    # Read again each time: another run (another --label) may have saved meanwhile.
+    data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    data["runs"][label] = run
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", default="after", help="name of this run in the JSON (default: after)")
@@ -332,26 +423,39 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--no-lite1", action="store_true", help="skip EfficientNet-Lite1 at 224 px")
     parser.add_argument("--render-only", action="store_true", help="render the saved JSON, measure nothing")
+    parser.add_argument("--before-after", type=Path, metavar="LAYERS_PY",
+                        help="only the before/after comparison: original, converted with LAYERS_PY (an older "
+                             "checkout's normswap/layers.py) and with this one, interleaved at one thread")
     parser.add_argument("--results", type=Path, default=RAW, help=f"the JSON of runs (default {RAW})")
     parser.add_argument("--write", action="store_true", help="render the latency section of BENCHMARKS.md")
     args = parser.parse_args()
     data = json.loads(args.results.read_text()) if args.results.exists() else {"runs": {}}
-    if not args.render_only:
+    if args.before_after:
+        started = time.perf_counter()
+        recipes = tuple(r for r in args.recipes if r in AB_RECIPES) or AB_RECIPES
+        comparison = before_after(args.before_after, tuple(args.models), recipes, args.size, args.rounds)
+        _save_run(args.results, "before-after", {"command": command_line(), "machine": machine(),
+                                                 "old_layers": str(args.before_after), "rows": comparison,
+                                                 "rounds": args.rounds, "seconds": time.perf_counter() - started})
+        data = json.loads(args.results.read_text())
+    elif not args.render_only:
         torch.set_num_threads(1)
         run: dict[str, Any] = {"command": command_line(), "machine": machine(), "versions": versions(),
                                "normswap_path": str(Path(normswap.__file__).resolve().parent), "size": args.size,
                                "rounds": args.rounds}
         started = time.perf_counter()
-        run["layers"] = measure_layers(args.rounds)
-        run["models"] = measure_models(tuple(args.models), tuple(args.recipes), args.size, args.rounds)
+
+        def save(**parts: Any) -> None:
+            run.update(parts, seconds=time.perf_counter() - started)
+            _save_run(args.results, args.label, run)
+
+        save(layers=measure_layers(args.rounds), complete=False)
+        measure_models(tuple(args.models), tuple(args.recipes), args.size, args.rounds,
+                       lambda models: save(models=models))
         if not args.no_lite1:
-            run["lite1"] = lite1(max(args.rounds // 2, 5))
-        run["seconds"] = time.perf_counter() - started
-        # Read again: another run (another --label) may have saved meanwhile.
-        data = json.loads(args.results.read_text()) if args.results.exists() else {"runs": {}}
-        data["runs"][args.label] = run
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.results, json.dumps(data, indent=2) + "\n")
+            save(lite1=lite1(max(args.rounds // 2, 5)))
+        save(complete=True)
+        data = json.loads(args.results.read_text())
     text = render(data)
     print(text)
     print(f"raw results: {args.results}")
