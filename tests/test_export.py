@@ -50,7 +50,14 @@ LAYERS: dict[str, Callable[[], nn.Module]] = {
     "timm-LayerNormAct2d": lambda: LayerNormAct2d(8, act_layer=nn.SiLU),
     "timm-FrozenBatchNormAct2d": lambda: FrozenBatchNormAct2d(8, act_layer=nn.SiLU),
     "timm-GroupNorm1Act": lambda: GroupNorm1Act(8, act_layer=nn.SiLU),
+    "ProgressiveNorm-mid-transition": lambda: _blend(0.3),
 }
+
+
+def _blend(alpha: float) -> nn.Module:
+    blend = normswap.ProgressiveNorm(FrozenBatchNorm(8), GroupRMSNorm(1, 8), nn.Identity(), nn.SiLU())
+    blend.alpha.fill_(alpha)
+    return blend
 
 
 def _layer(name: str) -> nn.Module:
@@ -168,6 +175,18 @@ def test_group_rms_norm_eager_kernel_matches_the_exported_formula_with_gradients
     traced_grads = torch.autograd.grad(traced.sin().sum(), (x, layer.weight, layer.bias))
     for got, expected in zip(eager_grads, traced_grads, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["GroupRMSNorm-4-groups", "GroupRMSNormAct", "ChannelLayerNorm", "FrozenBatchNormAct"])
+def test_sequence_inputs_export_too(name, tmp_path):
+    """N×C×L, as after a Conv1d (the sequence and features recipes)."""
+    pytest.importorskip("onnxruntime")
+    x = torch.randn(3, 8, 11, generator=torch.Generator().manual_seed(3))
+    result = export_onnx(_layer(name), x, tmp_path / "m.onnx", exporter="legacy")
+    assert result.checked and result.max_rel_error is not None and result.max_rel_error <= TOLERANCE
+    program = torch.export.export(_layer(name), (x,), strict=True)
+    with torch.no_grad():
+        _assert_close(program.module()(x), _layer(name)(x))
 
 
 def test_channel_layernorm_exports_without_negative_permutation(tmp_path):
