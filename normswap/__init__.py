@@ -8,6 +8,7 @@ from .distributed import on_this_rank_only
 from .drift import ValidationFailed, validate
 from .errors import (
     DataError,
+    ExportError,
     ModelLoadError,
     NormswapError,
     OutputExistsError,
@@ -17,7 +18,7 @@ from .errors import (
     UnknownNameError,
     UnsafeCheckpointError,
 )
-from .layers import ChannelLayerNorm, FrozenBatchNorm, GroupRMSNorm, GroupRMSNormAct
+from .layers import ChannelLayerNorm, FrozenBatchNorm, FrozenBatchNormAct, GroupRMSNorm, GroupRMSNormAct
 from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
 from .recover import ImageAugment, RecoveryResult, recover
@@ -49,6 +50,8 @@ __all__ = [
     "DriftReport",
     "save",
     "load",
+    "export_onnx",
+    "ExportResult",
     "batch_dependence",
     "Plan",
     "PlanEntry",
@@ -70,6 +73,7 @@ __all__ = [
     "list_targets",
     "ChannelLayerNorm",
     "FrozenBatchNorm",
+    "FrozenBatchNormAct",
     "GroupRMSNorm",
     "GroupRMSNormAct",
     "NormswapError",
@@ -81,12 +85,17 @@ __all__ = [
     "UnsafeCheckpointError",
     "OutputExistsError",
     "DataError",
+    "ExportError",
 ]
 
 
-def __getattr__(name: str):  # save/load pull in safetensors only when used
+def __getattr__(name: str):  # save/load pull in safetensors, export onnx, only when used
     if name in ("save", "load"):
         from . import io
 
         return getattr(io, name)
+    if name in ("export_onnx", "ExportResult"):
+        from . import export
+
+        return getattr(export, name)
     raise AttributeError(f"module 'normswap' has no attribute {name!r}")

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 2 usage error; otherwise the failing NormswapError class's ``exit_code``
 (1 other, 3 recipe, 4 unknown name, 5 plan, 6 trace/forward, 7 model or checkpoint, 8 unsafe
-checkpoint, 9 output exists, 10 data, 11 a validation threshold failed — outputs are still written; 1 also
-for an unexpected exception, e.g. from the model's own code, shown as one line unless ``--debug``).
+checkpoint, 9 output exists, 10 data, 11 a validation threshold failed — outputs are still written,
+12 an ONNX export failed, did not load or did not match PyTorch — nothing is written; 1 also for an
+unexpected exception, e.g. from the model's own code, shown as one line unless ``--debug``).
 """
 
 from __future__ import annotations
@@ -128,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--output", "-o", metavar="DIR", help="write report.json/.md/.html to DIR")
     validate.add_argument("--force", action="store_true", help="replace an existing output directory")
     _add_validation_args(validate)
+
+    export = sub.add_parser("export", help="export MODEL to ONNX, checked in onnxruntime before it is written")
+    _add_model_args(export)
+    export.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--force", action="store_true", help="replace an existing file")
+    export.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy",
+                        help="legacy: torch.onnx.export(dynamo=False), opset 17 by default; dynamo: "
+                             "torch.export-based, opset 18 by default (needs onnxscript)")
+    export.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 17 legacy, 18 dynamo)")
+    export.add_argument("--export-batch-size", type=int, default=2, metavar="N",
+                        help="batch of the example input traced and checked (default 2; the batch axis is dynamic)")
+    export.add_argument("--static-batch", action="store_true", help="fix the batch axis to --export-batch-size")
+    export.add_argument("--tolerance", type=float, default=1e-4, metavar="X",
+                        help="refuse to write a file whose onnxruntime outputs differ from PyTorch's by more than X "
+                             "(largest absolute error over the largest output; default 1e-4)")
 
     report = sub.add_parser("report", help="re-render a saved report (terminal, report.md, report.html)")
     report.add_argument("directory", metavar="DIR")
@@ -444,6 +460,28 @@ def _report_from_drift(plan: Any, drift: Any) -> Any:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_onnx
+    from .models import resolve_model
+    from .tracing import default_example_inputs
+
+    model, _ = resolve_model(args.model, args.pretrained, args.checkpoint, args.key_mapping)
+    example = _input_size(args.input_size)
+    one = example if example is not None else default_example_inputs(model)[0]
+    batch = one.expand(args.export_batch_size, *one.shape[1:]).clone()
+    # Different samples, so a layer that mixes the batch cannot pass the parity check by accident.
+    batch += 0.1 * torch.randn(batch.shape, generator=torch.Generator().manual_seed(1)).to(batch)
+    result = export_onnx(model, batch, args.output, exporter=args.exporter, opset=args.opset,
+                         dynamic_batch=not args.static_batch, tolerance=args.tolerance, force=args.force)
+    print(result.summary())
+    if not result.checked:
+        print("normswap: warning: onnxruntime is not installed, so the file was not loaded back; "
+              "pip install 'normswap[export]' to check it.", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from . import io
     from .render import print_report
@@ -503,6 +541,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "validate": cmd_validate,
     "report": cmd_report,
+    "export": cmd_export,
     "recover": cmd_recover,
     "demo": cmd_demo,
 }

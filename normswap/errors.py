@@ -70,6 +70,12 @@ class DataError(NormswapError, ValueError):
     exit_code = 10
 
 
+class ExportError(NormswapError):
+    """A model could not be exported, or its exported file does not load or does not match PyTorch."""
+
+    exit_code = 12
+
+
 def unknown_name(kind: str, name: str, valid: Iterable[str], where: str = "") -> UnknownNameError:
     """Build the error for an unknown name: closest matches first, then every valid choice."""
     choices = sorted(set(valid))

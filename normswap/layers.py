@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,9 +26,14 @@ class ChannelLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 2:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        # movedim keeps a channels-last input channels-last: the moved view is already contiguous.
-        y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return y.movedim(-1, 1)
+        # Explicit non-negative permutations: movedim(1, -1) exports (legacy ONNX) as perm {0, -1, 1, 2},
+        # which onnxruntime refuses. A channels-last input stays channels-last: its permuted view is
+        # already contiguous, so layer_norm reads it in place.
+        last = list(range(x.ndim))
+        last.append(last.pop(1))
+        back = [0, x.ndim - 1] + list(range(1, x.ndim - 1))
+        y = F.layer_norm(x.permute(last), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(back)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -54,12 +60,30 @@ class FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The eval-mode kernel itself (training=False never touches the buffers), so a frozen layer
-        # is bit-identical to the BatchNorm it replaces, not merely close.
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # The eval-mode kernel itself (training=False never touches the buffers): bit-identical to the
+        # BatchNorm it replaces and exactly its cost, one pass. A precomputed ``x * scale + shift`` is
+        # two passes (or a slower three-operand one) on N×C×H×W inputs: docs/deployment.md.
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+class FrozenBatchNormAct(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` followed by drop and activation, like timm's ``BatchNormAct2d`` in eval,
+    for any rank. timm's ``FrozenBatchNormAct2d`` computes ``x * scale + shift`` in two passes; this is
+    the one-pass eval BatchNorm kernel, so a frozen timm network costs what the original costs."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_features, eps=eps, device=device, dtype=dtype)
+        self.drop: nn.Module = nn.Identity()
+        self.act: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self._norm(x)))
 
 
 class GroupRMSNorm(nn.Module):
@@ -98,11 +122,15 @@ class GroupRMSNorm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = group_rms_norm(x, self.num_groups, self.eps)
-        if self.weight is None:
-            return y
-        view = (1, -1) + (1,) * (x.ndim - 2)
-        return torch.addcmul(self.bias.view(view), y, self.weight.view(view))
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # TorchScript cannot call super().forward, so the *Act subclasses call this.
+        if torch.jit.is_scripting():
+            return _portable_group_rms_norm(x, self.num_groups, self.eps, self.weight, self.bias)
+        if capturing_graph():
+            return _portable_group_rms_norm(x, self.num_groups, self.eps, self.weight, self.bias)
+        return _fast_group_rms_norm(x, self.num_groups, self.eps, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -118,18 +146,75 @@ class GroupRMSNormAct(GroupRMSNorm):
         self.act: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
+        return self.act(self.drop(self._norm(x)))
 
 
 def group_rms_norm(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
     """``x`` (N×C×…) divided by the root mean square of each sample's channel group, no affine."""
-    if num_groups == 1 and x.ndim > 2 and not x.is_contiguous():
-        moved = x.movedim(1, -1)
-        if moved.is_contiguous():
-            # One group is all of the sample, so any order of its elements will do: normalizing the
-            # channels-last view keeps a channels-last model channels-last, with no copy.
-            flat = moved.reshape(x.shape[0], -1)
-            return F.rms_norm(flat, (flat.shape[-1],), eps=eps).view(moved.shape).movedim(-1, 1)
+    return _fast_group_rms_norm(x, num_groups, eps, None, None)
+
+
+@torch.jit.unused
+def capturing_graph() -> bool:
+    """True while a graph is being recorded (ONNX export, jit.trace, torch.export, torch.compile): the
+    portable formula is recorded then, which every exporter and compiler understands."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def _portable_group_rms_norm(
+    x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Primitive ops only (pow, mean, rsqrt, mul, add): the legacy ONNX exporter has no ``aten::rms_norm``,
+    and inductor fuses these into one reduction and one pointwise pass anyway."""
     grouped = x.reshape(x.shape[0], num_groups, -1)
-    # torch's fused kernel over the trailing dimension (it accumulates in float32 for half inputs).
-    return F.rms_norm(grouped, (grouped.shape[-1],), eps=eps).view(x.shape)
+    wide = grouped.float() if x.dtype == torch.float16 or x.dtype == torch.bfloat16 else grouped
+    scale = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+    y = (grouped * scale).view(x.shape)
+    if weight is None or bias is None:
+        return y
+    view = [1, -1] + [1] * (x.ndim - 2)
+    return y * weight.view(view) + bias.view(view)
+
+
+_ALL_BUT_BATCH = {ndim: tuple(range(1, ndim)) for ndim in range(2, 9)}
+
+
+def _fast_group_rms_norm(
+    x: torch.Tensor, num_groups: int, eps: float, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The eager kernel, near the cost floor of a per-sample norm: one read of ``x`` for the statistics,
+    then one multiply by the per-(sample, channel) factor ``weight_c / rms_n`` and the bias.
+
+    ``vector_norm`` reduces without materializing ``x²``; the few per-sample numbers are computed in place.
+    A contiguous (N×C×H×W) input is scaled by a binary multiply and the bias added in place: a
+    three-operand ``addcmul`` broadcast over H×W, or ``F.rms_norm`` then an affine, is about twice as slow
+    there. A channels-last input takes ``addcmul``, which is fast there and keeps the layout.
+    """
+    n, c = x.shape[0], x.shape[1]
+    size = math.prod(x.shape[1:]) // num_groups
+    accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    if num_groups == 1:
+        dims = _ALL_BUT_BATCH.get(x.ndim) or tuple(range(1, x.ndim))
+        norms = torch.linalg.vector_norm(x, dim=dims, dtype=accumulate)
+    elif x.is_contiguous() or x.ndim == 2:
+        norms = torch.linalg.vector_norm(x.reshape(n, num_groups, -1), dim=-1, dtype=accumulate)
+    else:
+        # Per-channel sums of squares in the input's own layout, then summed within each group.
+        per_channel = torch.linalg.vector_norm(x, dim=tuple(range(2, x.ndim)), dtype=accumulate)
+        norms = per_channel.square().view(n, num_groups, -1).sum(-1).sqrt()
+    # square() out of place (vector_norm's backward needs its result), the rest in place on that copy.
+    scale = norms.square().div_(size).add_(eps).rsqrt_()  # n, or n × groups
+    if accumulate is not None:
+        scale = scale.to(x.dtype)
+    if num_groups > 1:
+        scale = scale.repeat_interleave(c // num_groups, dim=1)
+        factor = scale * weight if weight is not None else scale
+    else:
+        factor = torch.outer(scale, weight) if weight is not None else scale.view(n, 1).expand(n, c)
+    view = [n, c] + [1] * (x.ndim - 2)
+    if bias is None:
+        return x * factor.view(view)
+    if x.is_contiguous():
+        # mul's backward keeps x and the factor, not its output, so adding in place is safe for autograd.
+        return (x * factor.view(view)).add_(bias.view([1, c] + [1] * (x.ndim - 2)))
+    return torch.addcmul(bias.view([1, c] + [1] * (x.ndim - 2)), x, factor.view(view))

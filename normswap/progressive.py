@@ -23,7 +23,7 @@ from .api import plan as make_plan
 from .apply import _swap_module
 from .apply import apply_plan as _apply
 from .errors import PlanError, unknown_name
-from .layers import FrozenBatchNorm
+from .layers import FrozenBatchNorm, capturing_graph
 from .tracing import module_aliases
 from .transfer import NormState, state_after
 from .types import Plan
@@ -44,8 +44,22 @@ class ProgressiveNorm(nn.Module):
         self.register_buffer("alpha", torch.zeros((), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.alpha.to(x.dtype)
-        y = (1 - a) * self.frozen(x) + a * self.target(x) if float(self.alpha) > 0 else self.frozen(x)
+        if torch.jit.is_scripting():
+            y = torch.lerp(self.frozen(x), self.target(x), self.alpha.to(x.dtype))
+        elif capturing_graph():
+            # Branch-free for graph capture (torch.export, ONNX, jit.trace, torch.compile): α is a
+            # buffer, so a branch on its value would be data-dependent (or baked into the graph).
+            y = torch.lerp(self.frozen(x), self.target(x), self.alpha.to(x.dtype))
+        else:
+            # Eagerly only what α needs: the start and the end cost one norm, not two. lerp is one
+            # pass and exact at both ends.
+            a = float(self.alpha)
+            if a <= 0.0:
+                y = self.frozen(x)
+            elif a >= 1.0:
+                y = self.target(x)
+            else:
+                y = torch.lerp(self.frozen(x), self.target(x), a)
         return self.act(self.drop(y))
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError, RecipeError, unknown_name
-from .layers import ChannelLayerNorm, FrozenBatchNorm, GroupRMSNorm, GroupRMSNormAct
+from .layers import ChannelLayerNorm, FrozenBatchNorm, FrozenBatchNormAct, GroupRMSNorm, GroupRMSNormAct
 from .tracing import set_mode
 from .transfer import (
     TRANSFERS,
@@ -400,12 +400,9 @@ class FrozenTarget(Target):
 
     def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
         assert state.running_mean is not None and state.running_var is not None
-        if state.act is not None and site.layout in ("image", "unknown"):
-            from timm.layers import FrozenBatchNormAct2d
-
-            module: nn.Module = FrozenBatchNormAct2d(site.num_features, eps=state.eps, apply_act=False)
-        else:
-            module = FrozenBatchNorm(site.num_features, eps=state.eps)
+        # Any rank, the site's activation kept (timm's FrozenBatchNormAct2d is 4-D and two passes).
+        layer = FrozenBatchNormAct if state.act is not None else FrozenBatchNorm
+        module: nn.Module = layer(site.num_features, eps=state.eps)
         module.to(device=state.device, dtype=state.dtype).train(state.training)
         weight, bias = affine_copy(state)
         with torch.no_grad():
@@ -416,9 +413,7 @@ class FrozenTarget(Target):
                 ("running_var", state.running_var),
             ):
                 getattr(module, name).copy_(value)
-        if state.act is not None and not isinstance(module, FrozenBatchNorm):
-            return {site.path: with_activation(module, state)}
-        return {site.path: module if state.act is None else nn.Sequential(module, activation_only(state))}
+        return {site.path: with_activation(module, state) if state.act is not None else module}
 
 
 class FoldTarget(Target):
