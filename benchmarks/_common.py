@@ -275,10 +275,10 @@ LONGEST_LINE = 600  # characters of prose a summary line keeps; the full tables 
 
 
 def condensed(text: str, keep: tuple[str, ...] | None = None) -> str:
-    """The summary of a rendered section: ``### `` subsections not named in ``keep`` (all, when None),
-    the descriptive table columns and the "Details" lists are left out."""
+    """The summary of a rendered section: the ``### `` subsections whose heading starts with one of
+    ``keep`` (all of them when None), without the descriptive table columns and the "Details" lists."""
     parts = re.split(r"(?m)^(?=### )", text)
-    kept = [parts[0]] + [p for p in parts[1:] if keep is None or p[4:].splitlines()[0].strip() in keep]
+    kept = [parts[0]] + [p for p in parts[1:] if keep is None or p[4:].startswith(keep)]
     blocks = "\n".join(kept).split("\n\n")
     out: list[str] = []
     skipping = False

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import normswap  # noqa: E402
-from _common import BENCHMARKS_MD, RESULTS, command_line, machine, versions  # noqa: E402
+from _common import RESULTS, command_line, machine, publish, versions  # noqa: E402
 from normswap.errors import NormswapError  # noqa: E402
 from normswap.io import write_text_atomic  # noqa: E402
 
@@ -44,7 +43,7 @@ CASES = (("eval", 1), ("eval", 8), ("train", 2))
 AB_RECIPES = ("pretrained-small-batch", "freeze", "layernorm")
 LITE1 = "tf_efficientnet_lite1"
 RAW = RESULTS / "latency.json"
-START, END = "<!-- latency:start -->", "<!-- latency:end -->"
+SECTION = "latency"
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, float]:
@@ -299,6 +298,8 @@ def render(data: dict[str, Any]) -> str:
     latest = runs[labels[-1]]
     threads_all = str(latest["machine"]["logical_cpus"])
     lines = [
+        "## Latency: converted against original",
+        "",
         "Converted / original latency (timm models, random weights, "
         f"{latest['size']}×{latest['size']} px; CPU {latest['machine']['cpu']}, {threads_all} logical CPUs). "
         "Medians of interleaved rounds; eval = `inference_mode` forward, train = one SGD step (forward, "
@@ -395,17 +396,6 @@ def _render_before_after(ab: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_markdown(text: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace what is between the latency markers of BENCHMARKS.md (appended with them when missing)."""
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in content and END in content:
-        content = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, content, count=1, flags=re.S)
-    else:
-        content = content.rstrip() + "\n\n## Latency\n\n" + block + "\n"
-    write_text_atomic(path, content)
-
-
 def _save_run(path: Path, label: str, run: dict[str, Any]) -> None:
     # Read again each time: another run (another --label) may have saved meanwhile.
     data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
@@ -456,12 +446,8 @@ def main() -> None:
             save(lite1=lite1(max(args.rounds // 2, 5)))
         save(complete=True)
         data = json.loads(args.results.read_text())
-    text = render(data)
-    print(text)
-    print(f"raw results: {args.results}")
-    if args.write:
-        write_markdown(text)
-        print("BENCHMARKS.md: latency section rewritten")
+    publish(SECTION, render(data), args.results, args.write,
+            keep=("Worst ratio per recipe", "EfficientNet-Lite1 at 224 px"))
 
 
 if __name__ == "__main__":
