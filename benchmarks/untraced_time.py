@@ -2,7 +2,7 @@
 Hugging Face ResNet), with an fx-traced model at the same input for comparison; and how many sites
 ``fold`` folds. Random weights; BatchNorm statistics randomised so folding is not a no-op.
 
-    python benchmarks/untraced_time.py                 # the default table (a few minutes on one core)
+    python benchmarks/untraced_time.py --write         # the default table (a few minutes on one core)
     python benchmarks/untraced_time.py --rounds 3 --models hf_resnet50
 
 Medians over interleaved rounds (forward, then convert), so machine load hits both sides alike.
@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import normswap
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, machine, publish, save_json, versions  # noqa: E402
+
+SECTION = "untraced-time"
 Builder = Callable[[], tuple[nn.Module, torch.Tensor]]
 
 
@@ -110,19 +116,39 @@ def measure(build: Builder, recipe: str, rounds: int) -> dict[str, float]:
             "forward_s": f, "convert_s": c, "ratio": c / f}
 
 
+def render(result: dict[str, object]) -> str:
+    lines = [
+        "## Conversion time on models fx cannot trace whole",
+        "",
+        f"`{result['command']}` · torch {result['versions']['torch']} · {result['machine']['cpu']}, 1 thread · "
+        f"medians of {result['rounds']} interleaved rounds (forward, then convert), batch 1, random weights, "
+        "`validate=False`.",
+        "",
+        "| model | recipe | trace | sites | folded | forward s | convert s | convert / forward |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:  # type: ignore[union-attr]
+        folded = str(r["folded"]) if r["recipe"] == "fold" else "–"
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['trace']} | {r['sites']} | {folded} | "
+                     f"{r['forward_s']:.4f} | {r['convert_s']:.4f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated keys of MODELS")
+    parser.add_argument("--write", action="store_true", help="rewrite the untraced-time section of BENCHMARKS.md")
     args = parser.parse_args()
-    print("| model | recipe | trace | sites | folded | forward s | convert s | convert / forward |")
-    print("|---|---|---|---|---|---|---|---|")
+    torch.set_num_threads(1)
+    rows = []
     for name in args.models.split(","):
         for recipe in RECIPES:
-            r = measure(MODELS[name], recipe, args.rounds)
-            folded = str(r["folded"]) if recipe == "fold" else "–"
-            print(f"| {name} | {recipe} | {r['trace']} | {r['sites']} | {folded} | {r['forward_s']:.4f} | "
-                  f"{r['convert_s']:.4f} | {r['ratio']:.2f} |", flush=True)
+            rows.append({"model": name, "recipe": recipe, **measure(MODELS[name], recipe, args.rounds)})
+            print(rows[-1], file=sys.stderr, flush=True)
+    result = {"command": command_line().replace(" --write", "") + " --write", "versions": versions("torchvision"),
+              "machine": machine(), "rounds": args.rounds, "rows": rows}
+    publish(SECTION, render(result), save_json("untraced_time.json", result), args.write)
 
 
 if __name__ == "__main__":
