@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import normswap
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import normswap  # noqa: E402
 from _common import command_line, machine, publish, save_json, versions  # noqa: E402
 
 SECTION = "untraced-time"
