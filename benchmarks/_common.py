@@ -269,7 +269,8 @@ def write_section(section: str, text: str, path: Path = BENCHMARKS_MD) -> None:
 
 
 # Columns and blocks that BENCHMARKS.md leaves to the full tables in benchmarks/results/SECTION.md.
-DETAIL_COLUMNS = frozenset({"how", "wall s", "CPU s"})
+DETAIL_COLUMNS = frozenset({"how", "wall s", "CPU s", "rel. L2", "top-5 agreement %",
+                            "top-1 agreement, confident views %"})
 DETAIL_PARAGRAPHS = ("Details",)
 LONGEST_LINE = 600  # characters of prose a summary line keeps; the full tables keep all of it
 
