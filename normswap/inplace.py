@@ -78,8 +78,7 @@ def make_out_of_place(model: nn.Module, traced: bool, example_shapes: tuple[tupl
             except Exception:  # the plan traced it; a model that no longer does is checked as untraced
                 graph = None
     if graph is None:
-        check_out_of_place(model, example_shapes)
-        return OutOfPlace(model, activations, ())
+        return OutOfPlace(model, activations, tuple(_rewrite_untraced(model, example_shapes)))
     frames: list[tuple[str, int]] = []
     rewritten = _rewrite(model, graph, frames)
     if not rewritten:
@@ -119,7 +118,7 @@ AUGMENTED = {operator.add: "+=", operator.sub: "-=", operator.mul: "*=", operato
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in \S+\n\s+(.*)')
 
 
-def _rewrite_owners(model: nn.Module, frames: list[tuple[str, int]]) -> list[str] | None:
+def _rewrite_owners(model: nn.Module, frames: list[tuple[str, int]], check: bool = True) -> list[str] | None:
     """Rewrite only the submodules whose own forward holds the in-place lines (timm's ResNet blocks, not
     the ResNet), each into a GraphModule of its class, so the model keeps its class and methods
     (``forward_features``, ``reset_classifier``). None where a line is in the model's own forward or no
@@ -141,6 +140,8 @@ def _rewrite_owners(model: nn.Module, frames: list[tuple[str, int]]) -> list[str
         setattr(model.get_submodule(parent) if parent else model, name,
                 fx.GraphModule(module, graph, class_name=type(module).__name__))
         done.append(path)
+    if not check:  # a model that does not trace whole: the caller checks by running it
+        return found
     with model_state_guard(model, eval_mode=False):
         left = _rewrite(model, _SourceTracer().trace(model))
     return None if left else found
@@ -262,31 +263,78 @@ def _describe(node: fx.Node, line: str | None) -> str:
     return f"`{line}`" if line else f"the in-place op {_name(node.target)} (graph node {node.name})"
 
 
+def _rewrite_untraced(model: nn.Module, example_shapes: tuple[tuple[int, ...], ...]) -> list[str]:
+    """For a model that does not trace whole: run the Opacus-like check, and where it finds an in-place
+    op, rewrite the submodules whose forward holds it (as for a traced model, when they trace alone);
+    then check again, until the model passes. An op no submodule can take fails with the PlanError."""
+    found: list[str] = []
+    for _ in range(sum(1 for _ in model.modules())):  # each round rewrites at least one module
+        failure = _first_in_place_op(model, example_shapes)
+        if failure is None:
+            return found
+        frame, error = failure
+        try:
+            local = _rewrite_owners(model, [frame], check=False) if frame is not None else None
+        except Exception:  # noqa: BLE001 - an owner that does not trace alone: the op stays the user's to fix
+            local = None
+        if not local:
+            raise error
+        found += local
+    raise PlanError(f"in-place ops in {qualname(model)} kept appearing after {len(found)} rewrites; make the "
+                    f"forward out-of-place by hand.")
+
+
 def check_out_of_place(model: nn.Module, example_shapes: tuple[tuple[int, ...], ...]) -> None:
     """Run ``model`` (a copy, in training mode) on random inputs of ``example_shapes`` with every
     hooked module hooked the way Opacus hooks it; an in-place op on a hooked output fails there, and
     the PlanError names the op's source line and the module it runs in. Without shapes nothing runs."""
+    failure = _first_in_place_op(model, example_shapes)
+    if failure is not None:
+        raise failure[1]
+
+
+def _first_in_place_op(
+    model: nn.Module, example_shapes: tuple[tuple[int, ...], ...]
+) -> tuple[tuple[str, int] | None, PlanError] | None:
+    """The first in-place op on a hooked output a hooked forward meets: its source line (file, number)
+    and the PlanError that names it; None when the forward passes (or there are no shapes to run)."""
     if not example_shapes:
-        return
-    probe = copy.deepcopy(model).train()
+        return None
+    probe = copy.deepcopy(model)
     inputs = [torch.randn(shape) for shape in example_shapes]
     running: list[str] = []
     with _opacus_like_hooks(probe, running):
         try:
-            probe(*inputs)
+            _forward_in_either_mode(probe, inputs)
         except RuntimeError as exc:
             if "BackwardHookFunction" not in str(exc):
-                return  # some other failure: not this check's to report
+                return None  # some other failure: not this check's to report
             where = _innermost_model_line(exc)
             path = running[-1] if running else ""
             module = f"the forward of {path} ({qualname(probe.get_submodule(path))})" if path else \
                 f"the model's own forward ({qualname(model)})"
-            raise PlanError(
+            error = PlanError(
                 f"{where}, in {module}, modifies a hooked module's output in place; Opacus' per-sample "
                 f"gradients fail on it (Output of BackwardHookFunction modified inplace). {qualname(model)} does "
-                f"not trace with torch.fx, so normswap cannot rewrite it: make that line out-of-place "
-                f"(e.g. x = x + y for x += y)."
-            ) from exc
+                f"not trace with torch.fx, and normswap could not rewrite that line in a submodule that does: "
+                f"make it out-of-place (e.g. x = x + y for x += y)."
+            )
+            error.__cause__ = exc
+            return _innermost_model_frame(exc), error
+    return None
+
+
+def _forward_in_either_mode(probe: nn.Module, inputs: list[torch.Tensor]) -> None:
+    """Train mode, as Opacus trains; where the train-mode forward needs more than inputs (a torchvision
+    detector asserts that targets are given), eval mode, which runs the same layers with the same hooks."""
+    try:
+        probe.train()(*inputs)
+    except RuntimeError as exc:
+        if "BackwardHookFunction" in str(exc):
+            raise
+        probe.eval()(*inputs)
+    except Exception:  # noqa: BLE001 - the model's own train-mode requirements, not an in-place op
+        probe.eval()(*inputs)
 
 
 @contextmanager
@@ -302,6 +350,11 @@ def _opacus_like_hooks(model: nn.Module, running: list[str]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _innermost_model_frame(exc: BaseException) -> tuple[str, int] | None:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _ours(f.filename)]
+    return (frames[-1].filename, frames[-1].lineno or 0) if frames else None
 
 
 def _innermost_model_line(exc: BaseException) -> str:

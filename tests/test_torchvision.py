@@ -125,3 +125,22 @@ def test_a_detector_given_a_list_of_images_converts_and_says_it_was_not_validate
     conversion = normswap.convert(model, "fold", ([torch.rand(3, SIZE, SIZE)],))
     assert conversion.plan.summary() == {"fold": 20} and conversion.report.drift is None
     assert any(w.startswith("not validated: the example input is a list") for w in conversion.report.warnings)
+
+
+def test_dp_detector_that_does_not_trace_whole_gets_its_blocks_rewritten_out_of_place():
+    """torchvision's BasicBlock does ``out += identity`` on a hooked output; the detector does not trace
+    whole, so the blocks are found by a hooked forward and rewritten alone, and Opacus-style hooks run."""
+    from normswap.inplace import check_out_of_place
+
+    model = _detector().eval()
+    conversion = normswap.convert(model, "dp", torch.rand(1, 3, SIZE, SIZE), validate=False)
+    converted = conversion.model
+    assert conversion.plan.trace == "parts" and type(converted).__name__ == "FasterRCNN"
+    assert any("`out += identity`" in w for w in conversion.report.warnings)
+    check_out_of_place(converted, ((1, 3, SIZE, SIZE),))  # the hooked forward now passes
+    converted.train()
+    for module in converted.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.register_full_backward_hook(lambda *_: None)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])}]
+    sum(converted([torch.rand(3, SIZE, SIZE)], targets).values()).backward()
