@@ -12,7 +12,8 @@ time limit. Per (model, recipe) it records:
 - BatchNorm left: ``_BatchNorm`` modules and torchvision ``FrozenBatchNorm2d`` still in the converted model;
 - fold share (``fold`` only): of the BatchNorm modules whose input is the output of a Conv/Linear
   module in an eager forward pass (found by hooks, independently of normswap's trace), the share the
-  plan folds;
+  plan folds; and the same among those whose conv output nothing else uses (counted by a torch
+  function mode: a conv output that also feeds a concatenation cannot be folded exactly);
 - batch independence (recipes that promise it): ``normswap.batch_dependence`` < 1e-4 where the model
   takes one batched tensor;
 - save/load: ``normswap.save`` then ``normswap.load(dir, fresh model)`` gives bit-identical tensors;
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -185,25 +188,61 @@ def batchnorm_count(model: nn.Module) -> int:
     return sum(isinstance(m, _BatchNorm) or type(m).__name__ in frozen for m in model.modules())
 
 
-def conv_fed_norms(model: nn.Module, args: tuple[Any, ...]) -> set[str]:
-    """The BatchNorm-like modules whose input is exactly the output of a Conv/Linear module (hooks, eager)."""
+class _Uses(TorchFunctionMode):
+    """Counts, per watched tensor, the torch calls that take it outside the norm module that reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, torch.Tensor] = {}  # kept alive, so no id is reused during the pass
+        self.outside: Counter[int] = Counter()
+        self.inside: set[int] = set()  # the input of the norm module now running
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and id(t) in self.watched and id(t) not in self.inside:
+                self.outside[id(t)] += 1
+        return func(*args, **kwargs)
+
+
+def conv_fed_norms(model: nn.Module, args: tuple[Any, ...]) -> tuple[set[str], set[str]]:
+    """The BatchNorm-like modules whose input is exactly the output of a Conv/Linear module (hooks, in an
+    eager forward pass, independently of normswap's trace), and those of them whose conv output nothing
+    else uses (the ones a fold can take exactly)."""
     produced: dict[int, str] = {}
-    fed: set[str] = set()
+    fed: dict[str, int] = {}
+    uses = _Uses()
     handles = []
+
+    def conv_done(module: nn.Module, inputs: Any, output: Any, name: str) -> None:
+        if isinstance(output, torch.Tensor):
+            produced[id(output)] = name
+            uses.watched[id(output)] = output
+
+    def norm_starts(module: nn.Module, inputs: Any, name: str) -> None:
+        if inputs and id(inputs[0]) in produced:
+            fed[name] = id(inputs[0])
+            uses.inside.add(id(inputs[0]))
+
+    def norm_done(module: nn.Module, inputs: Any, output: Any) -> None:
+        if inputs:
+            uses.inside.discard(id(inputs[0]))
+
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, name=name: produced.__setitem__(id(o), name)))
+            handles.append(module.register_forward_hook(lambda m, i, o, name=name: conv_done(m, i, o, name)))
         elif isinstance(module, _BatchNorm) or type(module).__name__ == "FrozenBatchNorm2d":
-            handles.append(module.register_forward_pre_hook(
-                lambda m, i, name=name: fed.add(name) if i and id(i[0]) in produced else None))
+            handles.append(module.register_forward_pre_hook(lambda m, i, name=name: norm_starts(m, i, name)))
+            handles.append(module.register_forward_hook(norm_done))
     try:
-        with torch.no_grad():
-            model(*args)
+        with torch.no_grad(), uses:
+            output = model(*args)
     finally:
         for h in handles:
             h.remove()
-    return fed
+    returned = {id(t) for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)}
+    alone = {name for name, tensor in fed.items() if not uses.outside[tensor] and tensor not in returned}
+    return set(fed), alone
 
 
 def median_seconds(fn: Callable[[], Any], rounds: int = 3) -> float:
@@ -220,7 +259,8 @@ def same_tensors(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def check_recipe(case: Case, model: nn.Module, args: tuple[Any, ...], recipe: str, fed: set[str]) -> dict[str, Any]:
+def check_recipe(case: Case, model: nn.Module, args: tuple[Any, ...], recipe: str,
+                 fed: tuple[set[str], set[str]]) -> dict[str, Any]:
     row: dict[str, Any] = {"recipe": recipe}
     try:
         conversion = normswap.convert(model, recipe, args, batch_size=2)
@@ -239,7 +279,9 @@ def check_recipe(case: Case, model: nn.Module, args: tuple[Any, ...], recipe: st
                drift_warnings=list(drift.warnings)[:3] if drift else [])
     if recipe == "fold":
         folded = {e.site.path for e in conversion.plan.entries if e.target == "fold"}
-        row.update(conv_bn_sites=len(fed), folded=len(fed & folded))
+        everyone, alone = fed
+        row.update(conv_bn_sites=len(everyone), folded=len(everyone & folded),
+                   exclusive_sites=len(alone), exclusive_folded=len(alone & folded))
     if recipe in INDEPENDENCE_RECIPES and case.batched:
         batch = case.example()[0].repeat(4, *([1] * (case.example()[0].ndim - 1)))
         batch = batch + 0.1 * torch.randn_like(batch)
@@ -318,6 +360,8 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ok = [x for _, x in rows if x["outcome"] == "ok"]
     folds = [x for _, x in rows if x["recipe"] == "fold" and x["outcome"] == "ok" and x.get("conv_bn_sites")]
     sites, folded = sum(x["conv_bn_sites"] for x in folds), sum(x["folded"] for x in folds)
+    alone = sum(x.get("exclusive_sites", 0) for x in folds)
+    alone_folded = sum(x.get("exclusive_folded", 0) for x in folds)
     ratios = [x["ratio"] for x in ok]
     lines += [
         "### Totals",
@@ -329,7 +373,9 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"NormswapError {sum(x['outcome'] == 'refused' for _, x in rows)}; **tracebacks "
         f"{sum(x['outcome'] == 'traceback' for _, x in rows)}**.",
         f"- `fold` folds **{folded}/{sites} conv → BatchNorm sites ({100 * folded / max(sites, 1):.1f} %)** "
-        f"(sites found by forward hooks, independently of normswap's trace).",
+        f"(sites found by forward hooks, independently of normswap's trace); of those whose conv output "
+        f"nothing else uses (what a fold can take exactly): **{alone_folded}/{alone} "
+        f"({100 * alone_folded / max(alone, 1):.1f} %)**.",
         f"- BatchNorm left where the recipe removes it: "
         f"{sum(x['batchnorm_left'] > 0 for x in ok if x['recipe'] in NO_BN_RECIPES)} pairs.",
         f"- Samples independent in train mode (< {INDEPENDENT:g}): "
@@ -352,7 +398,8 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             continue
         for x in r["results"]:
             outcome = x["outcome"] if x["outcome"] == "ok" else f"**{x['outcome']}**: {x.get('error', '')[:160]}"
-            share = f"{x['folded']}/{x['conv_bn_sites']}" if "conv_bn_sites" in x else ""
+            share = (f"{x['folded']}/{x['conv_bn_sites']} ({x.get('exclusive_folded', '?')}/"
+                     f"{x.get('exclusive_sites', '?')} exclusive)" if "conv_bn_sites" in x else "")
             dep = x.get("batch_dependence")
             independent = "" if dep is None else mark(dep < INDEPENDENT)
             lines.append(
