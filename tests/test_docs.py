@@ -173,3 +173,9 @@ def test_relative_links_point_at_files_that_exist(doc: Path) -> None:
 def test_every_public_name_is_documented() -> None:
     undocumented = [name for name in normswap.__all__ if not (getattr(normswap, name).__doc__ or "").strip()]
     assert not undocumented, f"public names without a docstring: {undocumented}"
+
+
+@pytest.mark.parametrize(("name", "limit"), [("README.md", 12_000), ("BENCHMARKS.md", 30_000)])
+def test_the_front_pages_stay_short(name: str, limit: int) -> None:
+    size = len((ROOT / name).read_text(encoding="utf-8"))
+    assert size <= limit, f"{name} has {size} characters; guides go to docs/, full tables to benchmarks/results/"
