@@ -233,6 +233,11 @@ class NormswapTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_site_module(m) or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
+        if isinstance(m, _LINEAR_BASES):  # a conv/linear subclass that only configures its base stays one call
+            from .transfer import inherits_linear_forward
+
+            if inherits_linear_forward(m):
+                return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(
@@ -331,7 +336,7 @@ def _autowrap_check(patcher: Any, frame_dict: dict[str, Any], function_ids: set[
     (the tracer is found from the proxies it is called with), so reusing it changes nothing."""
     if patcher.visit_once(frame_dict):
         for name, value in frame_dict.items():
-            if not name.startswith("_") and callable(value) and id(value) in function_ids:
+            if callable(value) and id(value) in function_ids:  # by identity, so private helpers too
                 known = _WRAPPERS.get(id(value))
                 if known is None or known[0] is not value:
                     known = _WRAPPERS[id(value)] = (value, _st._create_wrapped_func(value))
@@ -493,6 +498,10 @@ def set_mode(module: nn.Module, training: bool) -> None:
     for child in module._modules.values():
         if child is not None:
             set_mode(child, training)
+
+
+_LINEAR_BASES = (nn.modules.conv._ConvNd, nn.Linear)
+_OWN_DIR = str(__import__("pathlib").Path(__file__).resolve().parent)
 
 
 def trace_graph(model: nn.Module) -> fx.Graph:
@@ -785,20 +794,50 @@ def _trace_part(m: nn.Module, path: str, first: tuple[tuple[Any, ...], dict[str,
     """The part's graph, or None where it does not trace. Where the plain trace fails, the part is
     traced once more as the forward pass called it: containers unrolled, non-tensor arguments fixed
     (a flag such as ``output_hidden_states`` no longer stops the trace)."""
-    try:
-        graph = trace_graph(m)
-    except Exception:  # any failure: the part is split further
+    graph = _trace_wrapping_failures(m, None)
+    if graph is None:  # the part is traced as it was called, or split further
         concrete = _concrete_args(m, first)
-        if concrete is None:
-            return None
-        try:
-            graph = NormswapTracer().trace(m, concrete)
-        except Exception:  # likewise
+        graph = _trace_wrapping_failures(m, concrete) if concrete is not None else None
+        if graph is None:
             return None
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             node.target = f"{path}.{node.target}"
     return graph
+
+
+def _trace_wrapping_failures(m: nn.Module, concrete: dict[str, Any] | None, attempts: int = 3) -> fx.Graph | None:
+    """``m``'s graph; where the trace fails inside a plain function of the model's own code (shape
+    arithmetic in Python, such as Hugging Face's TF-style padding before each conv), traced again with
+    that function recorded as one call, as fx records ``math.sqrt``. Parts' graphs are read for their
+    structure (which module feeds which), never run, so the call need not be traceable. None where
+    the trace still fails."""
+    wrapped: set[int] = set()
+    for _ in range(attempts + 1):
+        tracer = NormswapTracer()
+        tracer._autowrap_function_ids |= wrapped
+        try:
+            return tracer.trace(m, concrete)
+        except Exception as exc:  # any failure: perhaps a function to wrap, else no graph
+            function = _failing_function(exc)
+            if function is None or id(function) in wrapped:
+                return None
+            wrapped.add(id(function))
+    return None
+
+
+def _failing_function(exc: BaseException) -> types.FunctionType | None:
+    """The innermost plain (module-level) function of the model's code on ``exc``'s traceback."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        candidate = tb.tb_frame.f_globals.get(code.co_name)
+        if isinstance(candidate, types.FunctionType) and candidate.__code__ is code \
+                and "/torch/" not in code.co_filename and not code.co_filename.startswith(_OWN_DIR):
+            found = candidate
+        tb = tb.tb_next
+    return found
 
 
 def _concrete_args(m: nn.Module, first: tuple[tuple[Any, ...], dict[str, Any]] | None) -> dict[str, Any] | None:

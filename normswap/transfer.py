@@ -375,9 +375,21 @@ def _known_linear_in_weight() -> tuple[type[nn.Module], ...]:
     return (Conv2dSame,)
 
 
+def inherits_linear_forward(module: nn.Module) -> bool:
+    """A subclass of a torch conv/linear that computes exactly what its base does: neither ``forward``
+    nor ``_conv_forward`` overridden, and no parametrized weight (Hugging Face's
+    ``EfficientNetDepthwiseConv2d`` only sets ``groups``). Folding into it is as exact as into the base."""
+    cls = type(module)
+    base = next((b for b in cls.__mro__ if b in _FOLDABLE), None)
+    if base is None or cls is base or hasattr(module, "parametrizations"):
+        return False
+    return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+
+
 def foldable_out_channels(producer: nn.Module) -> int | None:
     """Output channels of a producer normswap can fold into exactly, else None."""
-    if type(producer) not in _FOLDABLE and type(producer) not in _known_linear_in_weight():
+    if type(producer) not in _FOLDABLE and type(producer) not in _known_linear_in_weight() \
+            and not inherits_linear_forward(producer):
         return None
     if isinstance(producer, nn.modules.conv._ConvTransposeNd):
         return producer.out_channels if producer.groups == 1 else None

@@ -207,3 +207,66 @@ def test_standardize_folds_into_producers_found_in_parts():
     assert not torch.equal(converted.backbone[0][0].weight, model.backbone[0][0].weight), "the conv was standardized"
     with torch.no_grad():
         assert all(torch.isfinite(v).all() for v in converted(x).values())
+
+
+def _same_padding(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """TF-style padding from the input's shape in Python: int() on a traced size stops fx."""
+    height = int(x.shape[-2])
+    pad = max(conv.kernel_size[0] - (1 if height % 2 else 0), 0)
+    return nn.functional.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+
+
+class _PaddedConvLayer(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(cin, cout, 3), nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.conv(_same_padding(x, self.conv))))
+
+
+class _GroupedConv(nn.Conv2d):  # configures its base only: folding into it is exact
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, padding=1, groups=channels)
+
+
+class _ScaledConv(nn.Conv2d):  # its own forward: not a plain conv to fold into
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0
+
+
+class _PaddedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(_PaddedConvLayer(3, 8), _PaddedConvLayer(8, 8))
+        self.grouped = nn.Sequential(_GroupedConv(8), nn.BatchNorm2d(8))
+        self.scaled = nn.Sequential(_ScaledConv(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:  # data-dependent: the whole model does not trace
+            x = self.layers(x)
+        return self.scaled(self.grouped(x)).mean((2, 3))
+
+
+def test_parts_whose_forward_calls_python_shape_arithmetic_still_fold_exactly():
+    model = _randomize(_PaddedNet()).eval()
+    x = torch.randn(2, 3, 15, 15)
+    conversion = normswap.convert(model, "fold", x[:1], validate=False)
+    targets = {e.site.path: e.target for e in conversion.plan.entries}
+    assert conversion.plan.trace == "parts"
+    assert targets == {"layers.0.norm": "fold", "layers.1.norm": "fold", "grouped.1": "fold",
+                       "scaled.1": "frozen"}, "the padding is one call; a conv with its own forward is no producer"
+    with torch.no_grad():
+        assert relative_error(conversion.model(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["MobileNetV2", "EfficientNet"])
+def test_hugging_face_mobile_networks_fold_every_site_exactly(name):
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{name}Config")(num_labels=4, image_size=32)
+    model = _randomize(getattr(transformers, f"{name}ForImageClassification")(config)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    conversion = normswap.convert(model, "fold", x[:1], validate=False)
+    assert set(conversion.plan.summary()) == {"fold"}, conversion.plan.summary()
+    with torch.no_grad():
+        assert relative_error(conversion.model(x).logits, model(x).logits) < 1e-5
