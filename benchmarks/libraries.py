@@ -443,9 +443,11 @@ def main() -> None:
 
         sweep(names, recipes, args.timeout, save)
         packages = ("timm", "torchvision", "segmentation-models-pytorch", "monai", "ultralytics", "transformers")
-        meta = {"command": command_line().replace(" --write", "") + " --write", "versions": versions(*packages),
-                "machine": {**machine(), "threads": args.threads}}
-        meta_path.write_text(json.dumps(meta, indent=1))
+        command = command_line().replace(" --write", "") + " --write"
+        earlier = json.loads(meta_path.read_text()).get("command", "") if meta_path.exists() and args.models else ""
+        meta = {"command": f"{earlier}`, then `{command}" if earlier else command,  # a subset reruns some models
+                "versions": versions(*packages), "machine": {**machine(), "threads": args.threads}}
+        normswap.io.write_text_atomic(meta_path, json.dumps(meta, indent=1))
     meta = json.loads(meta_path.read_text())
     records = [r for r in read(args.results) if r["name"] in names]
     publish(SECTION, render(records, meta), args.results, args.write, keep=("Totals",))
