@@ -10,6 +10,7 @@ import platform
 import re
 import resource
 import shlex
+import statistics
 import sys
 import time
 import traceback
@@ -130,6 +131,25 @@ def clock() -> Iterator[Clock]:
     finally:
         c.wall_s = time.perf_counter() - w0
         c.cpu_s = time.process_time() - p0
+
+
+def interleaved_convert(model: torch.nn.Module, x: torch.Tensor, recipe: str,
+                        rounds: int) -> tuple[float, float, list[Any]]:
+    """Median seconds of one batch-1 eval forward and of one ``convert(validate=False)``, timed in turn
+    each round so machine load hits both alike (after one warm-up of each), and the conversions."""
+    with torch.no_grad():
+        model(x)  # warm-up: allocator and kernels
+    normswap.convert(model, recipe, x, validate=False, batch_size=2)
+    forward, convert, conversions = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        t1 = time.perf_counter()
+        conversions.append(normswap.convert(model, recipe, x, validate=False, batch_size=2))
+        forward.append(t1 - t0)
+        convert.append(time.perf_counter() - t1)
+    return statistics.median(forward), statistics.median(convert), conversions
 
 
 def seed_all(seed: int) -> None:

@@ -12,16 +12,14 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
 import torch
 
-import normswap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import publish, save_json  # noqa: E402
+from _common import interleaved_convert, publish, save_json  # noqa: E402
 
 MODELS = ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "levit_128s"]
 RECIPES = ["small-batch", "fold"]
@@ -31,22 +29,9 @@ SECTION = "convert-time"
 def measure(name: str, recipe: str, rounds: int) -> dict[str, float]:
     model = timm.create_model(name, pretrained=False).eval()
     x = torch.randn(1, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
-    forward, convert, plan = [], [], []
-    with torch.no_grad():
-        model(x)  # warm-up: allocator and kernels
-    normswap.convert(model, recipe, x, validate=False, batch_size=2)
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(x)
-        t1 = time.perf_counter()
-        conversion = normswap.convert(model, recipe, x, validate=False, batch_size=2)
-        t2 = time.perf_counter()
-        forward.append(t1 - t0)
-        convert.append(t2 - t1)
-        plan.append(conversion.report.timings["plan_s"])
-    f, c, p = (statistics.median(v) for v in (forward, convert, plan))
-    return {"forward_s": f, "convert_s": c, "plan_s": p, "ratio": c / f, "sites": len(conversion.plan.entries)}
+    f, c, conversions = interleaved_convert(model, x, recipe, rounds)
+    p = statistics.median(conversion.report.timings["plan_s"] for conversion in conversions)
+    return {"forward_s": f, "convert_s": c, "plan_s": p, "ratio": c / f, "sites": len(conversions[-1].plan.entries)}
 
 
 def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:

@@ -12,9 +12,7 @@ Needs torchvision; the Hugging Face rows need transformers.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import normswap  # noqa: E402
-from _common import command_line, machine, publish, save_json, versions  # noqa: E402
+from _common import command_line, interleaved_convert, machine, publish, save_json, versions  # noqa: E402
 
 SECTION = "untraced-time"
 Builder = Callable[[], tuple[nn.Module, torch.Tensor]]
@@ -98,20 +95,8 @@ def measure(build: Builder, recipe: str, rounds: int) -> dict[str, float]:
     torch.manual_seed(0)
     model, x = build()
     randomize_statistics(model).eval()
-    with torch.no_grad():
-        model(x)
-    conversion = normswap.convert(model, recipe, x, validate=False, batch_size=2)
-    forward, convert = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(x)
-        t1 = time.perf_counter()
-        conversion = normswap.convert(model, recipe, x, validate=False, batch_size=2)
-        forward.append(t1 - t0)
-        convert.append(time.perf_counter() - t1)
-    f, c = statistics.median(forward), statistics.median(convert)
-    plan = conversion.plan
+    f, c, conversions = interleaved_convert(model, x, recipe, rounds)
+    plan = conversions[-1].plan
     return {"sites": len(plan.entries), "folded": plan.summary().get("fold", 0), "trace": plan.trace,
             "forward_s": f, "convert_s": c, "ratio": c / f}
 

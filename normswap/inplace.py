@@ -15,13 +15,13 @@ pass hooked the way Opacus hooks finds the op, and a PlanError names it and the 
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import re
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import PlanError
-from .tracing import NormswapTracer, model_state_guard, qualname
+from .tracing import NormswapTracer, library_frame, model_state_guard, qualname
 
 IN_PLACE_OPERATORS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -124,8 +124,7 @@ def _rewrite_owners(model: nn.Module, frames: list[tuple[str, int]], check: bool
     (``forward_features``, ``reset_classifier``). None where a line is in the model's own forward or no
     submodule owns it; what is done then stays correct, and the caller rewrites the whole model."""
     owners = [(path, m) for path, m in model.named_modules() if path and _owns_a_line(type(m), frames)]
-    owned = {frame for frame in frames if any(_owns_a_line(type(m), [frame]) for _, m in owners)}
-    if not owners or owned != set(frames):
+    if not owners or not all(any(_owns_a_line(type(m), [frame]) for _, m in owners) for frame in frames):
         return None
     found: list[str] = []
     done: list[str] = []
@@ -148,12 +147,18 @@ def _rewrite_owners(model: nn.Module, frames: list[tuple[str, int]], check: bool
 
 
 def _owns_a_line(cls: type, frames: list[tuple[str, int]]) -> bool:
-    forward = getattr(cls, "forward", None)
-    code = getattr(forward, "__code__", None)
+    span = _forward_span(cls)
+    return span is not None and any(file == span[0] and span[1] <= line <= span[2] for file, line in frames)
+
+
+@functools.cache
+def _forward_span(cls: type) -> tuple[str, int, int] | None:
+    """(file, first line, last line) of ``cls.forward``'s source."""
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
     if code is None:
-        return False
+        return None
     last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
-    return any(file == code.co_filename and code.co_firstlineno <= line <= last for file, line in frames)
+    return code.co_filename, code.co_firstlineno, last
 
 
 def _rewrite(model: nn.Module, graph: fx.Graph, frames: list[tuple[str, int]] | None = None) -> list[str]:
@@ -197,17 +202,12 @@ def _rewrite(model: nn.Module, graph: fx.Graph, frames: list[tuple[str, int]] | 
     return found
 
 
-def _ours(filename: str) -> bool:
-    """A frame of torch's or normswap's own, not of the model's forward."""
-    return "/torch/" in filename or Path(filename).parent == Path(__file__).parent
-
-
 def _augmented_line(node: fx.Node) -> str | None:
     """The source line of an ``x op= y`` that fx recorded as the out-of-place op, else None."""
     symbol = AUGMENTED.get(node.target) if node.op == "call_function" else None
     if symbol is None or not node.stack_trace:
         return None
-    frames = [m for m in _FRAME.finditer(node.stack_trace) if not _ours(m.group(1))]
+    frames = [m for m in _FRAME.finditer(node.stack_trace) if not library_frame(m.group(1))]
     if not frames:
         return None
     line = frames[-1].group(3).strip()
@@ -216,7 +216,7 @@ def _augmented_line(node: fx.Node) -> str | None:
 
 def _model_frame(node: fx.Node) -> tuple[str, int] | None:
     """The model's own source line that made ``node`` (its innermost frame outside torch and normswap)."""
-    frames = [m for m in _FRAME.finditer(node.stack_trace or "") if not _ours(m.group(1))]
+    frames = [m for m in _FRAME.finditer(node.stack_trace or "") if not library_frame(m.group(1))]
     return (frames[-1].group(1), int(frames[-1].group(2))) if frames else None
 
 
@@ -320,7 +320,8 @@ def _first_in_place_op(
                 f"make it out-of-place (e.g. x = x + y for x += y)."
             )
             error.__cause__ = exc
-            return _innermost_model_frame(exc), error
+            frame = _innermost_model_frame(exc)
+            return ((frame.filename, frame.lineno or 0) if frame else None), error
     return None
 
 
@@ -329,11 +330,9 @@ def _forward_in_either_mode(probe: nn.Module, inputs: list[torch.Tensor]) -> Non
     detector asserts that targets are given), eval mode, which runs the same layers with the same hooks."""
     try:
         probe.train()(*inputs)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - only the in-place failure is this check's; the rest is the model's
         if "BackwardHookFunction" in str(exc):
             raise
-        probe.eval()(*inputs)
-    except Exception:  # noqa: BLE001 - the model's own train-mode requirements, not an in-place op
         probe.eval()(*inputs)
 
 
@@ -352,14 +351,11 @@ def _opacus_like_hooks(model: nn.Module, running: list[str]) -> Iterator[None]:
             handle.remove()
 
 
-def _innermost_model_frame(exc: BaseException) -> tuple[str, int] | None:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _ours(f.filename)]
-    return (frames[-1].filename, frames[-1].lineno or 0) if frames else None
+def _innermost_model_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not library_frame(f.filename)]
+    return frames[-1] if frames else None
 
 
 def _innermost_model_line(exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _ours(f.filename)]
-    if not frames:
-        return "an in-place op"
-    frame = frames[-1]
-    return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
+    frame = _innermost_model_frame(exc)
+    return f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`" if frame else "an in-place op"

@@ -23,6 +23,7 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -501,7 +502,12 @@ def set_mode(module: nn.Module, training: bool) -> None:
 
 
 _LINEAR_BASES = (nn.modules.conv._ConvNd, nn.Linear)
-_OWN_DIR = str(__import__("pathlib").Path(__file__).resolve().parent)
+_OWN_DIR = Path(__file__).resolve().parent
+
+
+def library_frame(filename: str) -> bool:
+    """A frame of torch's or normswap's own code, not of the model's."""
+    return "/torch/" in filename or Path(filename).parent == _OWN_DIR
 
 
 def trace_graph(model: nn.Module) -> fx.Graph:
@@ -834,7 +840,7 @@ def _failing_function(exc: BaseException) -> types.FunctionType | None:
         code = tb.tb_frame.f_code
         candidate = tb.tb_frame.f_globals.get(code.co_name)
         if isinstance(candidate, types.FunctionType) and candidate.__code__ is code \
-                and "/torch/" not in code.co_filename and not code.co_filename.startswith(_OWN_DIR):
+                and not library_frame(code.co_filename):
             found = candidate
         tb = tb.tb_next
     return found
