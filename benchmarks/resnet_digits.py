@@ -1,6 +1,6 @@
 """A pretrained network that is not depthwise, converted with no data and then fine-tuned at batch 2.
 
-    python benchmarks/resnet_digits.py --write      # see RUN TIME below
+    python benchmarks/resnet_digits.py --write      # about 40 minutes on 2 shared CPU cores, one process
 
 There is no model hub here, so the "pretrained" network is made in the run: a timm ``resnet10t``
 (BasicBlocks, BatchNorm after every convolution), trained from ``--original-seed`` with its BatchNorm at
@@ -19,10 +19,9 @@ the same original. Each variant converts it (no data beyond a 2-image example in
 Fine-tuning as ``lite1_batch2.finetune`` / ``digits.train_labels``: Adam on cross-entropy, every parameter
 trainable, batch 2, batch order from seed + 1000, evaluated in eval mode.
 
-RUN TIME: ~15 s to train the original, then per seed and variant 2 fine-tunes × len(--lr): on 2 shared
-CPU cores at one thread a fine-tune of ~250 steps takes ~20 s, so the default 5 seeds × 5 variants × 3
-lrs × 2 tasks (150 fine-tunes) is about 50 minutes in one process; split the seeds over two processes
-(``--seeds 0 1 2 --json a.json`` / ``--seeds 3 4 --json b.json``) only when the cores are free.
+RUN TIME (measured on 2 shared CPU cores, one torch thread, load ~2): the original trains in ~1 minute (240
+steps at batch 32), then each fine-tune (~250 steps at batch 2) takes ~14 s plus ~1 s to evaluate, so the
+default 5 seeds × 5 variants × 3 lrs × 2 tasks (150 fine-tunes) is about 40 minutes in one process.
 """
 
 from __future__ import annotations
