@@ -310,8 +310,14 @@ def condensed(text: str, keep: tuple[str, ...] | None = None) -> str:
         if skipping and block.lstrip().startswith("- "):
             continue
         skipping = False
-        out.append("\n".join(_shortened(line) for line in _without_columns(block, DETAIL_COLUMNS).splitlines()))
+        out.append("\n".join(_shortened(line) for line in _without_columns(block, DETAIL_COLUMNS).splitlines()
+                              if not _undone_row(line)))
     return "\n\n".join(out).rstrip()
+
+
+def _undone_row(line: str) -> bool:
+    """A table row of a step that was undone: it repeats the row before it, so only the full tables keep it."""
+    return line.startswith("|") and line.split("|")[1].strip().endswith("(undone)")
 
 
 def _shortened(line: str) -> str:

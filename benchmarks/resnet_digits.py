@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ from _common import (  # noqa: E402
 )
 from digits import train_labels  # noqa: E402
 from lite1_batch2 import VARIANTS as LITE1_VARIANTS  # noqa: E402
-from lite1_batch2 import as_photos  # noqa: E402
+from lite1_batch2 import as_photos, merged  # noqa: E402
 from normswap.recipes import load_recipe  # noqa: E402
 
 SECTION = "batch2-resnet"
@@ -66,13 +65,8 @@ ORIGINAL_CLASSES = (0, 1, 2, 3, 4)
 NEW_CLASSES = (5, 6, 7, 8, 9)
 SUMMARY = ("New task", "Original task")  # the subsections BENCHMARKS.md keeps; the rest stays in the full tables
 
-# name → (recipe or None for the untouched BatchNorm network, how it was made); lite1_batch2's where it has them.
-VARIANTS: dict[str, tuple[Any, str]] = {
-    **{name: LITE1_VARIANTS[name] for name in
-       ("BatchNorm kept", "`freeze`", "`small-batch`", "`pretrained-small-batch`")},
-    "`pretrained-finetune`": (
-        "pretrained-finetune", "kept BatchNorm statistics, group RMS norm that normalizes as it trains"),
-}
+# name → (recipe or None for the untouched BatchNorm network, how it was made): lite1_batch2's.
+VARIANTS: dict[str, tuple[Any, str]] = dict(LITE1_VARIANTS)
 
 
 def load_classes(classes: tuple[int, ...], seed: int, held_out: int) -> dict[str, torch.Tensor]:
@@ -223,9 +217,11 @@ def render(result: dict[str, Any]) -> str:
         *table("original_agreement"),
         "",
         f"The original took {o['train_wall_s']:g} s to train ({o['steps']} steps); one fine-tune took "
-        f"{mean_wall(runs):.1f} s on average; the whole run {result.get('run_wall_s', 0) / 60:.1f} min.",
+        f"{mean_wall(runs):.1f} s on average; the run took {result.get('run_wall_s', 0) / 60:.1f} min"
+        + (f" (its first process, of {len(result['settings']['json'])} in parallel)."
+           if len(result["settings"]["json"]) > 1 else "."),
         "",
-        f"Raw numbers: `benchmarks/results/{result['settings']['json']}`.",
+        "Raw numbers: " + ", ".join(f"`benchmarks/results/{j}`" for j in result["settings"]["json"]) + ".",
     ])
 
 
@@ -260,13 +256,15 @@ def main() -> None:
     parser.add_argument("--original-lr", type=float, default=1e-3)
     parser.add_argument("--max-steps", type=int, default=None, help="cut each fine-tune short (smoke tests)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default="resnet_digits.json")
+    parser.add_argument("--json", nargs="+", default=["resnet_digits.json"],
+                        help="where the raw results go; with --render-only, several (each a share of the seeds, "
+                             "run in parallel processes) are merged")
     parser.add_argument("--write", action="store_true", help=f"rewrite the {SECTION} section of BENCHMARKS.md")
     parser.add_argument("--render-only", action="store_true", help="render the saved raw results again")
     args = parser.parse_args()
-    raw = RESULTS / args.json
+    raw = RESULTS / args.json[0]
     if args.render_only:
-        publish(SECTION, render(json.loads(raw.read_text())), raw, args.write, keep=SUMMARY)
+        publish(SECTION, render(merged(args.json)), raw, args.write, keep=SUMMARY)
         return
     recipes = {name: VARIANTS[name][0] for name in VARIANTS if name in args.variants}
     for recipe in recipes.values():  # an unknown recipe stops the run before the original is trained
@@ -286,7 +284,7 @@ def main() -> None:
     for seed in args.seeds:  # saved after each seed, so an interrupted run keeps what it measured
         result["runs"].append(run_seed(args, seed, original_data, reference, starts))
         result["run_wall_s"] = round(info["train_wall_s"] + time.perf_counter() - run_start, 1)
-        raw = save_json(args.json, result)
+        raw = save_json(args.json[0], result)
     publish(SECTION, render(result), raw, args.write, keep=SUMMARY)
 
 

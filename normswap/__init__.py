@@ -18,7 +18,15 @@ from .errors import (
     UnknownNameError,
     UnsafeCheckpointError,
 )
-from .layers import ChannelLayerNorm, FrozenBatchNorm, FrozenBatchNormAct, GroupRMSNorm, GroupRMSNormAct
+from .layers import (
+    AnnealedGroupNorm,
+    AnnealedGroupNormAct,
+    ChannelLayerNorm,
+    FrozenBatchNorm,
+    FrozenBatchNormAct,
+    GroupRMSNorm,
+    GroupRMSNormAct,
+)
 from .progressive import ProgressiveNorm, Transition, TransitionCallback, progressive
 from .recipes import Match, Recipe, Rule, builtin_recipes, load_recipe
 from .recover import ImageAugment, RecoveryResult, recover
@@ -76,6 +84,8 @@ __all__ = [
     "FrozenBatchNormAct",
     "GroupRMSNorm",
     "GroupRMSNormAct",
+    "AnnealedGroupNorm",
+    "AnnealedGroupNormAct",
     "NormswapError",
     "RecipeError",
     "UnknownNameError",

@@ -46,7 +46,7 @@ from .data import InputSet, call_model, held_back, load_inputs, model_input_size
 from .distributed import average_gradients, distributed, sum_over_ranks, total, world
 from .drift import output_error
 from .errors import DataError, PlanError, unknown_name
-from .layers import GroupRMSNorm, group_rms_norm
+from .layers import AnnealedGroupNorm, GroupRMSNorm, group_rms_norm
 from .progress import progress_bar
 from .tracing import model_state_guard
 from .transfer import NormState, state_after, statistics_aware_affine
@@ -260,7 +260,9 @@ def _sites(original: nn.Module, converted: nn.Module, plan: Plan | None) -> tupl
         old, new = originals.get(path), converteds.get(path)
         if not isinstance(old, _BatchNorm) or new is None:
             continue
-        if not calibratable(new):
+        if isinstance(new, AnnealedGroupNorm):
+            skipped.append((path, "AnnealedGroupNorm starts from the original's own statistics: nothing to refit"))
+        elif not calibratable(new):
             skipped.append((path, f"{type(new).__name__} is not a norm calibration refits"))
         elif getattr(new, "weight", None) is None:
             skipped.append((path, "the converted layer has no affine to refit"))

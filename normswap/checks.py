@@ -181,7 +181,12 @@ def measure_batch_dependence(model: nn.Module, x: torch.Tensor, seed: int = 0) -
     samples = int(x.shape[0])
     try:
         with torch.no_grad(), seeded(seed, x.device) as reseed:
+            # Both passes start from the same buffers: a layer whose train-mode forward moves its own
+            # state (AnnealedGroupNorm's schedule) would otherwise differ by that, not by the batch.
+            buffers = [(b, b.clone()) for b in probe.buffers()]
             first = train_mode_forward(probe, (x,), reseed)
+            for live, saved in buffers:
+                live.copy_(saved)
             second = train_mode_forward(probe, (other,), reseed, first.kept_in_eval)
     except NotMeasurable as exc:
         return BatchDependence(None, f"not measurable: {exc}")

@@ -234,12 +234,21 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     from .recipes import builtin_recipes, load_recipe
 
     table = Table(title="normswap recipes")
+    recipes = [load_recipe(name) for name in builtin_recipes()]
     for col in ("name", "what", "when to use"):
         table.add_column(col, overflow="fold")
-    for name in builtin_recipes():
-        r = load_recipe(name)
-        table.add_row(name, r.description, r.when)
-    _console().print(table)
+    for r in recipes:
+        table.add_row(r.name, r.description, r.when)
+    console = _console()
+    console.print(table)
+    weighed = [r for r in recipes if r.keeps or r.costs]
+    if weighed:
+        trade = Table(title="what each keeps of a pretrained network, and what it costs")
+        for col in ("name", "keeps", "costs"):
+            trade.add_column(col, overflow="fold")
+        for r in weighed:
+            trade.add_row(r.name, r.keeps, r.costs)
+        console.print(trade)
     return 0
 
 

@@ -218,3 +218,150 @@ def _fast_group_rms_norm(
         # mul's backward keeps x and the factor, not its output, so adding in place is safe for autograd.
         return (x * factor.view(view)).add_(bias.view([1, c] + [1] * (x.ndim - 2)))
     return torch.addcmul(bias.view([1, c] + [1] * (x.ndim - 2)), x, factor.view(view))
+
+
+class AnnealedGroupNorm(nn.Module):
+    """A pretrained BatchNorm that computes what it did where it is converted and becomes a GroupNorm as
+    it is trained.
+
+    Each sample is first standardized by the BatchNorm's own running statistics, kept as buffers
+    (``x̂ = (x − μ)/√(σ² + bn_eps)``, unit variance on the original's data). Then, per group of channels,
+    a share ``k`` of the group's mean is subtracted and the result divided by its root mean square ``m``
+    relative to that unit scale, and BatchNorm's affine applied::
+
+        y = (x̂ − k·mean_g(x̂)) · √((1 + eps) / (m + eps)) · weight + bias
+
+    With ``k = 0`` and a large eps the factor is 1: the frozen BatchNorm (exactly as eps → ∞). With
+    ``k = 1`` and a small eps it is GroupNorm of ``x̂``. Over the first ``anneal_steps`` train-mode forwards,
+    counted in the buffer ``train_forwards`` as BatchNorm counts ``num_batches_tracked``, eps moves
+    geometrically from ``eps_start`` to ``eps_end`` and ``k`` from 0 to 1 (with ``centre``; else it stays
+    0, an RMS norm). A network converted for inference keeps what it did; one that is trained
+    normalizes each sample, in any training loop, with nothing to call. Evaluation never advances it.
+
+    The statistics stay out of the conv weights on purpose: folding them in divides each output channel's
+    weights by its σ, and Adam, which moves every weight by about the learning rate, then takes much
+    larger relative steps on the channels that shrank (docs/investigations/lite1-unfolded.md).
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps_start: float = 100.0,
+        eps_end: float = 1e-3,
+        anneal_steps: int = 200,
+        centre: bool = True,
+        bn_eps: float = 1e-5,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        if not (eps_start > 0 and eps_end > 0) or anneal_steps < 0:
+            raise ValueError(f"eps_start and eps_end must be positive and anneal_steps ≥ 0, got {eps_start}, "
+                             f"{eps_end}, {anneal_steps}")
+        kw = {"device": device, "dtype": dtype}
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps_start = float(eps_start)
+        self.eps_end = float(eps_end)
+        self.anneal_steps = int(anneal_steps)
+        self.centre = bool(centre)
+        self.bn_eps = float(bn_eps)
+        self.weight = nn.Parameter(torch.ones(num_channels, **kw))
+        self.bias = nn.Parameter(torch.zeros(num_channels, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_channels, **kw))
+        self.register_buffer("running_var", torch.ones(num_channels, **kw))
+        self.register_buffer("train_forwards", torch.zeros((), dtype=torch.long, device=device))
+        # Where the schedule stands, kept so that evaluation reads it without recomputing.
+        self.register_buffer("eps", torch.full((), self.eps_start, dtype=torch.float32, device=device))
+        self.register_buffer("centring", torch.zeros((), dtype=torch.float32, device=device))
+
+    def progress(self) -> float:
+        """How far the anneal has gone: 0 is the original, 1 the group norm with ``eps_end``."""
+        return min(int(self.train_forwards) / max(self.anneal_steps, 1), 1.0)
+
+    def _advance(self) -> None:
+        # Tensor arithmetic, no host sync: the same on a GPU and under graph capture.
+        self.train_forwards.add_(1)
+        p = (self.train_forwards.float() / max(self.anneal_steps, 1)).clamp(max=1.0)
+        start, end = math.log(self.eps_start), math.log(self.eps_end)
+        self.eps.copy_(torch.exp(start + (end - start) * p))
+        if self.centre:
+            self.centring.copy_(p)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm checkpoint's counter
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._advance()
+        return annealed_group_norm(x, self.num_groups, self.eps, self.running_mean, self.running_var,
+                                   self.bn_eps, self.weight, self.bias, self.centring if self.centre else None)
+
+    def extra_repr(self) -> str:
+        end = "GroupNorm" if self.centre else "RMS norm"
+        return (f"{self.num_groups}, {self.num_channels}, frozen BatchNorm → {end} (eps {self.eps_start:g} → "
+                f"{self.eps_end:g}) over {self.anneal_steps} train steps, at {self.progress():.0%}")
+
+
+class AnnealedGroupNormAct(AnnealedGroupNorm):
+    """:class:`AnnealedGroupNorm` followed by drop and activation, for timm's norm+act sites."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.drop: nn.Module = nn.Identity()
+        self.act: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self._norm(x)))
+
+
+def annealed_group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    eps: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    bn_eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    centre: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:class:`AnnealedGroupNorm`'s formula in two passes over ``x``: per-(sample, channel) statistics,
+    then one multiply-add by factors built from them (``x̂`` itself is never materialized). ``centre``
+    (0 to 1) is the share of each group's mean subtracted first (1: GroupNorm's centring)."""
+    n, c = x.shape[0], x.shape[1]
+    view = [n, c] + [1] * (x.ndim - 2)
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    inv_std = torch.rsqrt(var.to(wide.dtype) + bn_eps)
+    mu = mean.to(wide.dtype)
+    if x.ndim > 2:
+        positions: list[int] = []  # a loop, as TorchScript has no tuple(range(...))
+        for d in range(2, x.ndim):
+            positions.append(d)
+        v, m = torch.var_mean(wide, dim=positions, correction=0)
+    else:
+        v, m = torch.zeros_like(wide), wide
+    first = (m - mu) * inv_std  # mean of x̂ per (sample, channel)
+    second = (v + (m - mu).square()) * inv_std.square()  # mean of x̂²
+    groups = (n, num_groups, c // num_groups)
+    square = second.view(groups).mean(-1, keepdim=True)
+    shift = torch.zeros_like(square)
+    if centre is not None:
+        group_mean = first.view(groups).mean(-1, keepdim=True)
+        k = centre.to(square.dtype)
+        shift = k * group_mean
+        square = square - k * (2 - k) * group_mean.square()
+    e = eps.to(square.dtype)
+    factor = ((1 + e) / (square + e)).sqrt()
+    gain = (factor.expand(groups).reshape(n, c) * (inv_std * weight.to(wide.dtype)))  # n × c
+    # y = (x̂ − shift)·factor·weight + bias = x·gain + (bias − (μ·inv_std + shift)·factor·weight)
+    offset = bias.to(wide.dtype) - (mu * inv_std * weight.to(wide.dtype)) * factor.expand(groups).reshape(n, c) \
+        - (shift * factor).expand(groups).reshape(n, c) * weight.to(wide.dtype)
+    return torch.addcmul(offset.to(x.dtype).view(view), x, gain.to(x.dtype).view(view))

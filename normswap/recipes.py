@@ -179,6 +179,9 @@ class Recipe:
     rules: tuple[Rule, ...]
     description: str = ""
     when: str = ""
+    # What the converted network keeps of the original, and what it costs (``normswap recipes`` shows both).
+    keeps: str = ""
+    costs: str = ""
     ensure: tuple[str, ...] = ()
     recovery: RecoveryDefaults = RecoveryDefaults()
     source: str = "<api>"
@@ -196,6 +199,8 @@ class Recipe:
                 "name": self.name,
                 "description": self.description,
                 "when": self.when,
+                **({"keeps": self.keeps} if self.keeps else {}),
+                **({"costs": self.costs} if self.costs else {}),
                 "ensure": list(self.ensure),
             },
             "rules": [
@@ -234,7 +239,7 @@ _MATCH_TYPES: dict[str, tuple[type, Any]] = {
     "task": (list, TASKS),
 }
 _RULE_KEYS = ("name", "match", "target", "options", "fallback", "fallback_options")
-_HEADER_KEYS = ("name", "description", "when", "ensure")
+_HEADER_KEYS = ("name", "description", "when", "keeps", "costs", "ensure")
 _RECOVERY_KEYS = ("lr",)
 
 
@@ -359,7 +364,7 @@ def _parse_recipe(data: Mapping[str, Any], source: str) -> Recipe:
     for item in ensure:
         if item not in ENSURES:
             raise RecipeError(str(unknown_name("ensure", str(item), ENSURES, f"{source}: [recipe].ensure")))
-    for key in ("name", "description", "when"):
+    for key in ("name", "description", "when", "keeps", "costs"):
         if key in header and not isinstance(header[key], str):
             raise RecipeError(f"{source}: [recipe].{key} must be a string.")
     default_name = Path(source).stem if source != "<api>" else "custom"
@@ -368,6 +373,8 @@ def _parse_recipe(data: Mapping[str, Any], source: str) -> Recipe:
         rules=rules,
         description=header.get("description", ""),
         when=header.get("when", ""),
+        keeps=header.get("keeps", ""),
+        costs=header.get("costs", ""),
         ensure=tuple(ensure),
         recovery=_parse_recovery(data.get("recovery", {}), source),
         source=source,

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from .errors import PlanError, RecipeError, unknown_name
-from .layers import ChannelLayerNorm, FrozenBatchNorm, FrozenBatchNormAct, GroupRMSNorm, GroupRMSNormAct
+from .layers import (
+    AnnealedGroupNorm,
+    AnnealedGroupNormAct,
+    ChannelLayerNorm,
+    FrozenBatchNorm,
+    FrozenBatchNormAct,
+    GroupRMSNorm,
+    GroupRMSNormAct,
+)
 from .tracing import set_mode
 from .transfer import (
     TRANSFERS,
@@ -386,6 +394,59 @@ class InstanceNormTarget(_GroupStatNorm):
         return _INSTANCE_NORMS[site.layout](site.num_features, eps=eps, affine=True)
 
 
+class AnnealedGroupNormTarget(Target):
+    name = "annealed-groupnorm"
+    description = (
+        "the BatchNorm frozen as it is, becoming GroupNorm as the network trains: statistics kept as buffers, "
+        "eps annealed from eps_start (keeps the original) to eps_end and the group mean subtracted (centre) over "
+        "the first anneal_steps train-mode forwards"
+    )
+    options = {
+        "groups": Option(int, 32, "channel groups (Wu & He: 32)"),
+        "adjust": Option(str, "one-group", "when groups do not divide C: one-group (all of C×H×W, what was "
+                                           "measured) | largest-divisor (narrow layers get groups of one or two "
+                                           "channels)", ("one-group", "largest-divisor")),
+        "eps_start": Option((float, int), 100.0, "eps before training, relative to unit channel variance: "
+                                                 "large keeps the original"),
+        "eps_end": Option((float, int), 1e-3, "eps once annealed: small normalizes each sample's groups"),
+        "anneal_steps": Option(int, 200, "train-mode forwards over which the layer moves from the frozen "
+                                         "BatchNorm to the group norm; 0 moves at the first"),
+        "centre": Option(bool, True, "subtract the group mean at the end (GroupNorm); false: an RMS norm"),
+    }
+
+    def resolve(self, site: Site, options: Mapping[str, Any]) -> dict[str, Any]:
+        if not site.has_running_stats:
+            raise NotApplicable("no running statistics to start from")
+        if site.num_features < 1:
+            raise NotApplicable("the number of channels is unknown")
+        eps_start, eps_end = float(options.get("eps_start", 100.0)), float(options.get("eps_end", 1e-3))
+        steps, groups = int(options.get("anneal_steps", 200)), int(options.get("groups", 32))
+        if not (eps_start > 0 and eps_end > 0):
+            raise PlanError(f"{site.path}: eps_start and eps_end must be positive, got {eps_start} and {eps_end}.")
+        if steps < 0 or groups < 1:
+            raise PlanError(f"{site.path}: anneal_steps must be ≥ 0 and groups ≥ 1, got {steps} and {groups}.")
+        c = site.num_features
+        if c % groups:
+            groups = largest_divisor_at_most(c, groups) if options.get("adjust") == "largest-divisor" else 1
+        return {"groups": groups, "eps_start": eps_start,
+                "eps_end": eps_end, "anneal_steps": steps, "centre": bool(options.get("centre", True)),
+                "transfer": "exact"}
+
+    def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
+        assert state.running_mean is not None and state.running_var is not None
+        layer = AnnealedGroupNormAct if state.act is not None else AnnealedGroupNorm
+        module = layer(int(options["groups"]), site.num_features, eps_start=float(options["eps_start"]),
+                       eps_end=float(options["eps_end"]), anneal_steps=int(options["anneal_steps"]),
+                       centre=bool(options["centre"]), bn_eps=state.eps)
+        module = finish(module, state)
+        weight, bias = affine_copy(state)
+        with torch.no_grad():
+            for name, value in (("weight", weight), ("bias", bias), ("running_mean", state.running_mean),
+                                ("running_var", state.running_var)):
+                getattr(module, name).copy_(value)
+        return {site.path: with_activation(module, state)}
+
+
 class FrozenTarget(Target):
     name = "frozen"
     description = "FrozenBatchNorm: running statistics and affine fixed; eval-mode BN in every mode"
@@ -486,6 +547,7 @@ for _t in (
     LayerNormCHWTarget(),
     RMSNormCHWTarget(),
     InstanceNormTarget(),
+    AnnealedGroupNormTarget(),
     FrozenTarget(),
     FoldTarget(),
     IdentityTarget(),

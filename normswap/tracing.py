@@ -38,14 +38,16 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError, unknown_name
-from .layers import GroupRMSNorm
+from .layers import AnnealedGroupNorm, GroupRMSNorm
 from .types import LAYOUT_BY_NDIM, OtherNorm, Site
 
 FUNCTIONAL_BATCH_NORMS: tuple[Callable[..., Any], ...] = (F.batch_norm, torch.batch_norm)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 OWNER_META = "normswap_owner"  # node.meta key: the module a functional batch_norm call is made in
-_OTHER_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm, GroupRMSNorm)
+_OTHER_NORM_TYPES = (
+    nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm, GroupRMSNorm, AnnealedGroupNorm,
+)
 # Norm layers from other libraries (timm RmsNorm, torchvision FrozenBatchNorm2d); not wrappers such as
 # levit's ConvNorm, which merely contain a norm.
 _OTHER_NORM_NAME = re.compile(r"^(Group|Layer|Instance|Rms|RMS|Frozen\w*Batch|Batch\w*Renorm)Norm")

@@ -18,6 +18,8 @@ from normswap.cli import main
 from normswap.errors import ExportError, OutputExistsError
 from normswap.export import export_onnx
 from normswap.layers import (
+    AnnealedGroupNorm,
+    AnnealedGroupNormAct,
     ChannelLayerNorm,
     FrozenBatchNorm,
     FrozenBatchNormAct,
@@ -51,7 +53,21 @@ LAYERS: dict[str, Callable[[], nn.Module]] = {
     "timm-FrozenBatchNormAct2d": lambda: FrozenBatchNormAct2d(8, act_layer=nn.SiLU),
     "timm-GroupNorm1Act": lambda: GroupNorm1Act(8, act_layer=nn.SiLU),
     "ProgressiveNorm-mid-transition": lambda: _blend(0.3),
+    # As converted (the frozen original), part-way and at the end of its anneal (anneal_steps 0: at the first
+    # train-mode forward, so train-mode checks see the same layer on every call).
+    "AnnealedGroupNorm-as-converted": lambda: AnnealedGroupNorm(4, 8, anneal_steps=0),
+    "AnnealedGroupNorm-part-way": lambda: _annealed(AnnealedGroupNorm(4, 8, anneal_steps=10), 3),
+    "AnnealedGroupNormAct-annealed-rms": lambda: _annealed(_with_act(AnnealedGroupNormAct(1, 8, centre=False,
+                                                                                          anneal_steps=0)), 1),
 }
+
+
+def _annealed(layer: nn.Module, steps: int) -> nn.Module:
+    layer.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            layer(torch.randn(2, 8, 3, 3))
+    return layer.eval()
 
 
 def _blend(alpha: float) -> nn.Module:
@@ -143,11 +159,19 @@ def test_torch_compile_graph_capture_matches_eager(name):
     torch._dynamo.reset()
     layer, x = _layer(name).train(), _input().requires_grad_()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    # Both calls start from the same buffers (a train-mode forward may move them: AnnealedGroupNorm's schedule).
+    saved = {k: v.clone() for k, v in layer.named_buffers()}
     got = compiled(x)
-    expected = layer(x)
-    _assert_close(got, expected)
     (grad_got,) = torch.autograd.grad(got.sin().sum(), x)
+    after = {k: v.clone() for k, v in layer.named_buffers()}
+    with torch.no_grad():
+        for key, value in layer.named_buffers():
+            value.copy_(saved[key])
+    expected = layer(x)
     (grad_expected,) = torch.autograd.grad(expected.sin().sum(), x)
+    for key, value in layer.named_buffers():  # the compiled graph moved the buffers as eager does
+        torch.testing.assert_close(after[key], value)
+    _assert_close(got.detach(), expected.detach())
     _assert_close(grad_got, grad_expected)
 
 

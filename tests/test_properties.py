@@ -22,7 +22,8 @@ from .random_nets import build, example_input, net_specs
 
 RECIPES = builtin_recipes()
 REMOVES_ALL = {
-    "small-batch", "layernorm", "layernorm-chw", "rmsnorm-chw", "style-transfer", "detection", "dp", "freeze", "fold"
+    "small-batch", "layernorm", "layernorm-chw", "rmsnorm-chw", "style-transfer", "detection", "dp", "freeze", "fold",
+    "pretrained-finetune",
 }
 EXACT = {"fold", "freeze"}
 STATS = {"cases": 0, "converted": 0, "refused": 0}

@@ -26,6 +26,7 @@ SHIPPED = {
     "fold",
     "auto",
     "pretrained-small-batch",
+    "pretrained-finetune",
 }
 
 
