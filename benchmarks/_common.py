@@ -292,7 +292,7 @@ def write_section(section: str, text: str, path: Path = BENCHMARKS_MD) -> None:
 DETAIL_COLUMNS = frozenset({"how", "wall s", "CPU s", "rel. L2", "top-5 agreement %",
                             "top-1 agreement, confident views %"})
 DETAIL_PARAGRAPHS = ("Details",)
-LONGEST_LINE = 600  # characters of prose a summary line keeps; the full tables keep all of it
+LONGEST_LINE = 360  # characters of prose a summary line keeps; the full tables keep all of it
 
 
 def condensed(text: str, keep: tuple[str, ...] | None = None) -> str:

@@ -80,7 +80,7 @@ def as_photos(x: torch.Tensor) -> torch.Tensor:
 def run_seed(args: argparse.Namespace, original: torch.nn.Module, photos: dict[str, Any], seed: int) -> dict[str, Any]:
     data = digits_for_lite1(seed, args.held_out)
     x_tr, x_te, y_te = data["x_train"], data["x_test"], data["y_test"]
-    own = own_task_split(photos, seed)
+    own = own_task_split(photos, seed) if not args.no_own_task else {"original_accuracy": None}
     out: dict[str, Any] = {"seed": seed, "variants": {},
                            "own_task_original_accuracy": own["original_accuracy"]}
     for name in args.variants:
@@ -91,12 +91,13 @@ def run_seed(args: argparse.Namespace, original: torch.nn.Module, photos: dict[s
             row["finetuned"][f"{lr:g}"] = accuracy(model, x_te, y_te)
             row["wall_s"][f"{lr:g}"] = round(wall_s, 1)
             row["share"][f"{lr:g}"] = share_on(model, x_te)
-        row["own_task"] = own_task(start, own, photos, args.own_lr, seed)
+        if not args.no_own_task:
+            row["own_task"] = own_task(start, own, photos, args.own_lr, seed)
         out["variants"][name] = row
         print(f"seed {seed}  {name:28s} " + ", ".join(f"lr {lr}: {100 * a:5.1f} %" for lr, a in
                                                    row["finetuned"].items())
-              + f"; own task {100 * row['own_task']['accuracy']:5.1f} % (original "
-              f"{100 * own['original_accuracy']:5.1f} %)", flush=True)
+              + ("" if args.no_own_task else f"; own task {100 * row['own_task']['accuracy']:5.1f} % (original "
+                                             f"{100 * own['original_accuracy']:5.1f} %)"), flush=True)
     return out
 
 
@@ -170,9 +171,10 @@ def share_on(model: torch.nn.Module, x: torch.Tensor) -> float | None:
 def render(result: dict[str, Any]) -> str:
     runs, v, m = result["runs"], result["versions"], result["machine"]
     lrs = [f"{lr:g}" for lr in result["settings"]["lr"]]
+    runs = [r for r in runs if all(r["variants"].get(n, {}).get("own_task") for n in VARIANTS)] or runs
     names = [n for n in VARIANTS if all(n in r["variants"] for r in runs)]
     chosen = f"{result['settings']['own_lr']:g}"
-    own = [r["own_task_original_accuracy"] for r in runs]
+    own = [r["own_task_original_accuracy"] for r in runs if r.get("own_task_original_accuracy") is not None]
     steps = runs[0]["variants"][names[0]]["steps"]
     own_steps = runs[0]["variants"][names[0]]["own_task"]["steps"]
     lines = [
@@ -181,13 +183,16 @@ def render(result: dict[str, Any]) -> str:
         f"`{result['command']}` · torch {v['torch']}, timm {v['timm']}, normswap {v['normswap']} · {m['cpu']}, "
         f"{m['torch_threads']} torch thread(s), no GPU · seeds {', '.join(str(r['seed']) for r in runs)}.",
         "",
-        "ImageNet EfficientNet-Lite1 converted by each recipe with no data. **No data**: top-1 agreement with the "
-        "original on the held-out views of the Lite1 photo benchmark (9 photos × 8 views). **New task**: a new "
-        f"10-class head, one epoch of scikit-learn's digits at batch 2 ({steps} Adam steps, every parameter), "
-        "held-out accuracy % on 500 digits, mean over the seeds (lowest in brackets). **Own task**: the ImageNet "
-        f"head kept, one epoch at batch 2 (lr {chosen}, {own_steps} steps) on views of 10 of the 20 labelled "
-        "ImageNet photos, accuracy on the other 10 photos' views (the original: "
-        f"{mean_and_lowest(own)}) and top-1 agreement with the original on the held-out photo views.",
+        "ImageNet EfficientNet-Lite1, converted by each recipe with no data; mean % over the seeds (lowest in "
+        "brackets):",
+        "",
+        "- **No data**: top-1 agreement with the original on the held-out views of the Lite1 photo benchmark "
+        "(9 photos × 8 views).",
+        f"- **New task**: a new 10-class head, one epoch of scikit-learn's digits at batch 2 ({steps} Adam steps, "
+        "every parameter); held-out accuracy on 500 digits.",
+        f"- **Own task**: ImageNet head kept, one epoch at batch 2 (lr {chosen}, {own_steps} steps) on views of 10 "
+        f"labelled ImageNet photos; accuracy on views of 10 others (original: {mean_and_lowest(own)}), and "
+        "agreement with the original on the held-out photo views.",
         "",
         "### Summary",
         "",
@@ -197,7 +202,8 @@ def render(result: dict[str, Any]) -> str:
     ]
     for name in names:
         rows = [r["variants"][name] for r in runs]
-        cells = [mean_and_lowest([r["finetuned"][lr] for r in rows]) for lr in lrs]
+        cells = [mean_and_lowest([r["finetuned"][lr] for r in rows]) if all(lr in r["finetuned"] for r in rows)
+                 else "—" for lr in lrs]
         no_data = result["no_data"][name]["top1_agreement"]
         own_acc = mean_and_lowest([r["own_task"]["accuracy"] for r in rows])
         own_agree = mean_and_lowest([r["own_task"]["held_out_agreement"] for r in rows])
@@ -240,8 +246,9 @@ def share_table(runs: list[dict[str, Any]], lrs: list[str]) -> list[str]:
     ]
     for name in names:
         shares = [r["variants"][name]["share"] for r in runs]
-        cells = [sum(s[key] for s in shares) / len(shares) for key in ("start", *lrs)]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        cells = [f"{sum(s[key] for s in shares) / len(shares):.3f}" if all(key in s for s in shares) else "—"
+                 for key in ("start", *lrs)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -260,12 +267,30 @@ def record(benchmark: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def merged(paths: list[str]) -> dict[str, Any]:
-    """Results of several processes (each a share of the seeds) as one."""
+    """Results of several processes as one: each a share of the seeds, or more learning rates for some
+    variants (``--lr 1e-5 --variants ...``), merged per seed and variant."""
     parts = [json.loads((RESULTS / p).read_text()) for p in paths]
     result = parts[0]
-    result["runs"] = sorted((r for part in parts for r in part["runs"]), key=lambda r: r["seed"])
-    result["settings"]["json"] = paths
-    result["settings"]["seeds"] = [r["seed"] for r in result["runs"]]
+    by_seed: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        for run in part["runs"]:
+            seen = by_seed.setdefault(run["seed"], {**run, "variants": {}})
+            if seen.get("own_task_original_accuracy") is None:
+                seen["own_task_original_accuracy"] = run.get("own_task_original_accuracy")
+            for name, row in run["variants"].items():
+                if name not in seen["variants"]:
+                    seen["variants"][name] = row
+                    continue
+                for key in ("finetuned", "wall_s", "share"):
+                    seen["variants"][name][key] = {**row.get(key, {}), **seen["variants"][name].get(key, {})}
+                seen["variants"][name].setdefault("own_task", row.get("own_task"))
+    result["runs"] = [by_seed[seed] for seed in sorted(by_seed)]
+    if len(parts) > 1:  # the commands of every part, then the one that rendered them together
+        result["command"] = "`; `".join([*(p["command"] for p in parts), command_line()])
+    lrs = {lr for part in parts for lr in part["settings"]["lr"]}
+    result["settings"] = {**result["settings"], "json": paths, "seeds": sorted(by_seed), "lr": sorted(lrs)}
+    for part in parts[1:]:  # a later part measured again wins (--no-data-only after a change)
+        result["no_data"] = {**result["no_data"], **part.get("no_data", {})}
     return result
 
 
@@ -275,6 +300,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
     parser.add_argument("--own-lr", type=float, default=1e-4, help="learning rate of the own-task fine-tuning")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--no-own-task", action="store_true", help="only the new task (for more learning rates)")
+    parser.add_argument("--no-data-only", action="store_true",
+                        help="only the no-data agreement of --variants (render it with the other parts after them)")
     parser.add_argument("--held-out", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", nargs="+", default=["lite1_batch2.json"],
@@ -292,6 +320,10 @@ def main() -> None:
         for name in args.variants:  # conversion uses no data: the same for every seed
             result["no_data"][name] = no_data_agreement(converted(original, VARIANTS[name][0],
                                                                   photos["held_out"][:2]), photos)
+        if args.no_data_only:
+            result["settings"]["lr"] = []
+            save_json(args.json[0], result)
+            return
         for seed in args.seeds:  # saved after each seed, so an interrupted run keeps what it measured
             result["runs"].append(run_seed(args, original, photos, seed))
             save_json(args.json[0], result)

@@ -406,8 +406,8 @@ class AnnealedGroupNormTarget(Target):
         "adjust": Option(str, "one-group", "when groups do not divide C: one-group (all of C×H×W, what was "
                                            "measured) | largest-divisor (narrow layers get groups of one or two "
                                            "channels)", ("one-group", "largest-divisor")),
-        "eps_start": Option((float, int), 100.0, "eps before training, relative to unit channel variance: "
-                                                 "large keeps the original"),
+        "eps_start": Option((float, int), 100.0, "eps at the first train step, relative to unit channel variance "
+                                                 "(before it the layer is the frozen BatchNorm exactly)"),
         "eps_end": Option((float, int), 1e-3, "eps once annealed: small normalizes each sample's groups"),
         "anneal_steps": Option(int, 200, "train-mode forwards over which the layer moves from the frozen "
                                          "BatchNorm to the group norm; 0 moves at the first"),

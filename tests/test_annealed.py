@@ -49,16 +49,16 @@ def annealed_layers(model: nn.Module) -> list[normswap.AnnealedGroupNorm]:
 def test_converted_network_is_the_original_until_it_trains():
     original, x = pretrained_resnet()
     before = model_fingerprint(original)
-    exact = normswap.convert(original, with_options(eps_start=1e9), x[:2], validate=False).model
     shipped = normswap.convert(original, "pretrained-finetune", x[:2], validate=False).model
     assert model_fingerprint(original) == before
     assert not [m for m in shipped.modules() if isinstance(m, _BatchNorm)]
     assert len(annealed_layers(shipped)) == 20
     with torch.no_grad():
         expected = original(x)
-        assert relative_error(expected, exact.eval()(x)) < 1e-5  # eps → ∞ is the frozen BatchNorm
-        assert relative_error(expected, shipped.eval()(x)) < 0.02
-        assert (shipped(x).argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+        assert relative_error(expected, shipped.eval()(x)) < 1e-5  # the frozen BatchNorm, whatever eps_start
+        shipped.train()(x[:2])  # one training forward starts the anneal at eps_start (100)
+        moved = relative_error(expected, shipped.eval()(x))
+        assert 1e-4 < moved < 0.05
     # Nothing was folded: the convs are the original's, the statistics buffers of the new layers.
     torch.testing.assert_close(shipped.conv1.weight, original.conv1.weight, rtol=0, atol=0)
     torch.testing.assert_close(shipped.bn1.running_var, original.bn1.running_var, rtol=0, atol=0)
@@ -118,7 +118,14 @@ def test_auto_chooses_it_to_finetune_at_a_small_batch_and_keeps_batchnorm_at_a_l
     assert not large.conversions
 
 
-def test_recipe_says_what_it_keeps_and_costs_next_to_the_other_two():
+def test_recipes_command_says_what_each_of_the_three_keeps_and_costs(capsys):
+    from normswap.cli import main
+
     for name in ("pretrained-finetune", "pretrained-small-batch", "small-batch"):
         recipe = load_recipe(name)
         assert recipe.keeps and recipe.costs, name
+        assert normswap.Recipe.from_dict(recipe.to_dict(), recipe.source) == recipe
+    assert main(["recipes"]) == 0
+    shown = capsys.readouterr().out
+    trade = shown[shown.index("what each keeps"):]
+    assert all(name in trade for name in ("pretrained-finetune", "pretrained-small-batch", "small-batch"))
