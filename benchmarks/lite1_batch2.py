@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import normswap  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS,
+    agreement,
+    logits_of,
     clock,
     command_line,
     machine,
@@ -54,7 +56,6 @@ from batch2_finetune import VARIANTS as DIGITS_VARIANTS  # noqa: E402
 from batch2_finetune import accuracy  # noqa: E402
 from digits import load_data, train_labels  # noqa: E402
 import photo_wheels  # noqa: E402
-from _common import agreement, logits_of  # noqa: E402
 from lite1_photos import HELD_OUT_PHOTOS, build_original, build_views  # noqa: E402
 
 SECTION = "batch2-lite1"

@@ -40,7 +40,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import normswap  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS,
     clock,
@@ -56,7 +55,7 @@ from _common import (  # noqa: E402
 )
 from digits import train_labels  # noqa: E402
 from lite1_batch2 import VARIANTS as LITE1_VARIANTS  # noqa: E402
-from lite1_batch2 import as_photos, merged  # noqa: E402
+from lite1_batch2 import as_photos, converted, merged  # noqa: E402
 from normswap.recipes import load_recipe  # noqa: E402
 
 SECTION = "batch2-resnet"
@@ -109,11 +108,6 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
-
-
-def converted(original: nn.Module, recipe: Any, example: torch.Tensor) -> nn.Module:
-    return copy.deepcopy(original) if recipe is None else normswap.convert(
-        original, recipe, example, validate=False, batch_size=2).model
 
 
 def finetune(start: nn.Module, data: dict[str, torch.Tensor], lr: float, seed: int, *, new_head: bool,

@@ -372,10 +372,10 @@ def annealed_group_norm(
     factor = ((1 + e) / (square + e)).sqrt()
     if started is not None:
         factor = 1 + (factor - 1) * started.to(factor.dtype)
-    gain = (factor.expand(groups).reshape(n, c) * (inv_std * weight.to(wide.dtype)))  # n × c
-    # y = (x̂ − shift)·factor·weight + bias = x·gain + (bias − (μ·inv_std + shift)·factor·weight)
-    offset = bias.to(wide.dtype) - (mu * inv_std * weight.to(wide.dtype)) * factor.expand(groups).reshape(n, c) \
-        - (shift * factor).expand(groups).reshape(n, c) * weight.to(wide.dtype)
+    # y = (x̂ − shift)·factor·weight + bias = x·gain + (bias − (μ·inv_std + shift)·factor·weight), per (n, c)
+    scale = factor.expand(groups).reshape(n, c) * weight.to(wide.dtype)
+    gain = scale * inv_std
+    offset = bias.to(wide.dtype) - (mu * inv_std + shift.expand(groups).reshape(n, c)) * scale
     if x.ndim > 2 and x.is_contiguous() and not torch.jit.is_scripting():
         # x·gain + offset with a factor per (sample, channel) is eval-mode BatchNorm over N·C channels of one
         # sample (mean 0, variance 1, eps 0): BatchNorm's fused one-pass kernel, where a broadcast multiply

@@ -144,6 +144,17 @@ def set_affine(module: nn.Module, values: tuple[torch.Tensor, torch.Tensor] | No
         module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
 
 
+def copy_batchnorm_numbers(module: nn.Module, state: NormState) -> None:
+    """Copy the BatchNorm's affine (ones/zeros where it had none) and running statistics into the
+    same-named tensors of a layer that keeps them (frozen, annealed)."""
+    assert state.running_mean is not None and state.running_var is not None
+    weight, bias = affine_copy(state)
+    with torch.no_grad():
+        for name, value in (("weight", weight), ("bias", bias), ("running_mean", state.running_mean),
+                            ("running_var", state.running_var)):
+            getattr(module, name).copy_(value)
+
+
 def with_activation(norm: nn.Module, state: NormState) -> nn.Module:
     """timm norm+act modules: reuse the original activation and drop layer objects."""
     if state.act is not None:
@@ -433,17 +444,11 @@ class AnnealedGroupNormTarget(Target):
                 "transfer": "exact"}
 
     def build(self, model: nn.Module, site: Site, state: NormState, options: Mapping[str, Any]) -> dict[str, nn.Module]:
-        assert state.running_mean is not None and state.running_var is not None
         layer = AnnealedGroupNormAct if state.act is not None else AnnealedGroupNorm
         module = layer(int(options["groups"]), site.num_features, eps_start=float(options["eps_start"]),
                        eps_end=float(options["eps_end"]), anneal_steps=int(options["anneal_steps"]),
                        centre=bool(options["centre"]), bn_eps=state.eps)
-        module = finish(module, state)
-        weight, bias = affine_copy(state)
-        with torch.no_grad():
-            for name, value in (("weight", weight), ("bias", bias), ("running_mean", state.running_mean),
-                                ("running_var", state.running_var)):
-                getattr(module, name).copy_(value)
+        copy_batchnorm_numbers(finish(module, state), state)
         return {site.path: with_activation(module, state)}
 
 
@@ -465,15 +470,7 @@ class FrozenTarget(Target):
         layer = FrozenBatchNormAct if state.act is not None else FrozenBatchNorm
         module: nn.Module = layer(site.num_features, eps=state.eps)
         module.to(device=state.device, dtype=state.dtype).train(state.training)
-        weight, bias = affine_copy(state)
-        with torch.no_grad():
-            for name, value in (
-                ("weight", weight),
-                ("bias", bias),
-                ("running_mean", state.running_mean),
-                ("running_var", state.running_var),
-            ):
-                getattr(module, name).copy_(value)
+        copy_batchnorm_numbers(module, state)
         return {site.path: with_activation(module, state) if state.act is not None else module}
 
 
